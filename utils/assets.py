@@ -1,0 +1,99 @@
+"""The registry of every file the course downloads (hand-written; no notebook builds it).
+
+Each asset is declared once here, with its canonical URL, a backup URL where one exists,
+its size in bytes and its sha256. `utils.download.fetch(name)` is the one way to get it.
+`data/README.md` lists the same table for people; `tests/test_download.py` checks the two agree.
+
+Sizes and checksums come from the published files (the Hugging Face Hub's LFS metadata for
+the GPT-2 weights, the UCI archive for the SMS data, tiktoken's pinned hashes for the BPE files).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+__all__ = ["Asset", "ASSETS", "get_asset", "UnknownAssetError"]
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One downloadable file: where it lives online and how to recognise a good copy."""
+
+    name: str  # registry key, e.g. "the-verdict"
+    filename: str  # path inside the data folder (and inside an offline mirror)
+    url: str  # canonical address
+    size: int | None  # bytes of the file we keep (None: not published; sha256 still checked)
+    sha256: str  # hex digest of the file we keep
+    backup_url: str | None = None  # tried when the canonical address fails
+    archive_member: str | None = None  # the URL is a zip: keep only this member
+    description: str = ""
+
+    @property
+    def urls(self) -> list[str]:
+        return [u for u in (self.url, self.backup_url) if u]
+
+
+_HF = "https://huggingface.co/openai-community/{repo}/resolve/main/model.safetensors"
+_BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+
+_ALL = [
+    Asset("the-verdict", "the-verdict.txt",
+          _RASBT + "ch02/01_main-chapter-code/the-verdict.txt", 20479,
+          "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+          description="Edith Wharton, 'The Verdict' (public domain): chapters 2 and 5"),
+    Asset("sms-spam-collection", "SMSSpamCollection.tsv",
+          "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip", 477907,
+          "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+          backup_url="https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+          archive_member="SMSSpamCollection",
+          description="UCI SMS Spam Collection (CC BY 4.0), tab-separated: chapter 6"),
+    Asset("instruction-data", "instruction-data.json",
+          _RASBT + "ch07/01_main-chapter-code/instruction-data.json", 203524,
+          "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+          description="1100 Alpaca-style instruction/input/output entries: chapter 7"),
+    Asset("instruction-data-with-preference", "instruction-data-with-preference.json",
+          _RASBT + "ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+          386968, "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+          description="1100 entries with chosen/rejected responses: preference tuning"),
+    Asset("gpt2-encoder-json", "gpt2/encoder.json", _BPE + "encoder.json", 1042301,
+          "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+          description="GPT-2 BPE vocabulary (tiktoken 'gpt2')"),
+    Asset("gpt2-vocab-bpe", "gpt2/vocab.bpe", _BPE + "vocab.bpe", 456318,
+          "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+          description="GPT-2 BPE merges (tiktoken 'gpt2')"),
+    Asset("gpt2-small-124M", "gpt2-weights/gpt2-small-124M.safetensors",
+          _HF.format(repo="gpt2"), 548105171,
+          "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",
+          description="Pretrained GPT-2 124M weights (Hugging Face safetensors)"),
+    Asset("gpt2-medium-355M", "gpt2-weights/gpt2-medium-355M.safetensors",
+          _HF.format(repo="gpt2-medium"), 1519984962,
+          "fc5a354a19255ad494f3d71549390baca1ccf61d1d822b9408971705c687c9cd",
+          description="Pretrained GPT-2 355M weights (Hugging Face safetensors)"),
+    Asset("gpt2-large-774M", "gpt2-weights/gpt2-large-774M.safetensors",
+          _HF.format(repo="gpt2-large"), None,
+          "5f47f3e12f91cd33b662ce7e433b6150ad5512b5884a2cee961b50e9c3bbebce",
+          description="Pretrained GPT-2 774M weights (about 3.25 GB)"),
+    Asset("gpt2-xl-1558M", "gpt2-weights/gpt2-xl-1558M.safetensors",
+          _HF.format(repo="gpt2-xl"), None,
+          "0f8b28eb05a8075f48b61b6f35332978c74fc7763fa9fb4051a1c30511736a6a",
+          description="Pretrained GPT-2 1558M weights (about 6.43 GB)"),
+]
+
+ASSETS: dict[str, Asset] = {a.name: a for a in _ALL}
+
+
+class UnknownAssetError(ValueError):
+    """Raised for a name that is not in the registry."""
+
+
+def get_asset(name: str) -> Asset:
+    """Look up an asset by name, with a did-you-mean hint for typos."""
+    if name in ASSETS:
+        return ASSETS[name]
+    close = difflib.get_close_matches(name, ASSETS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownAssetError(
+        f"Unknown asset {name!r}.{hint} Known assets: {', '.join(ASSETS)}."
+    )

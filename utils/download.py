@@ -1,0 +1,265 @@
+"""Fetching the course's data files, online or offline (hand-written; no notebook builds it).
+
+`fetch(name)` returns the local path of an asset from `utils.assets`, looking in order at:
+
+1. the cache, `data/` at the top of the repository (or the folder in `$LLM_COURSE_DATA`);
+2. an offline mirror folder, if `$LLM_COURSE_MIRROR` names one (same file layout as `data/`);
+3. the network: the canonical URL, then the backup URL, each with a timeout and retries.
+
+Every copy is checked against the registry's size and sha256 before it is used. Downloads go
+to `NAME.part` and are renamed only when complete and verified, so an interrupted download
+never leaves a file that looks finished (the next call resumes the `.part` file where the
+server allows it). With `$LLM_COURSE_OFFLINE=1` the network is never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.assets import Asset, get_asset
+
+__all__ = [
+    "fetch", "verify_file", "default_data_dir", "offline_mode",
+    "AssetUnavailableError", "MirrorNotFoundError",
+    "ENV_DATA_DIR", "ENV_MIRROR", "ENV_OFFLINE",
+]
+
+ENV_DATA_DIR = "LLM_COURSE_DATA"  # overrides the cache folder
+ENV_MIRROR = "LLM_COURSE_MIRROR"  # a folder laid out like data/, consulted before the network
+ENV_OFFLINE = "LLM_COURSE_OFFLINE"  # "1": never use the network
+PROGRESS_MIN_BYTES = 1 << 20  # files below 1 MiB download without a progress bar
+_CHUNK = 1 << 20
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+class AssetUnavailableError(RuntimeError):
+    """No good copy of an asset could be found or downloaded."""
+
+
+class MirrorNotFoundError(FileNotFoundError):
+    """The configured offline mirror folder does not exist."""
+
+
+class _DownloadError(Exception):
+    """One URL failed; the message says how (kept for the final report)."""
+
+
+def default_data_dir() -> Path:
+    """The cache folder: `$LLM_COURSE_DATA`, else `data/` beside the `utils` package."""
+    env = os.environ.get(ENV_DATA_DIR)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+
+
+def offline_mode() -> bool:
+    """True when `$LLM_COURSE_OFFLINE` is set to 1/true/yes/on."""
+    return os.environ.get(ENV_OFFLINE, "").strip().lower() in _TRUTHY
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, asset: Asset) -> str | None:
+    """Return None if `path` is a good copy of `asset`, else a short description of the fault."""
+    size = path.stat().st_size
+    if asset.size is not None and size != asset.size:
+        return f"size {size} bytes, expected {asset.size}"
+    digest = _sha256(path)
+    if digest != asset.sha256:
+        return f"sha256 {digest[:12]}..., expected {asset.sha256[:12]}..."
+    return None
+
+
+def _mirror_dir(mirror: str | os.PathLike | None) -> Path | None:
+    source = "the mirror argument" if mirror is not None else f"${ENV_MIRROR}"
+    value = mirror if mirror is not None else os.environ.get(ENV_MIRROR, "")
+    if not str(value).strip():
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise MirrorNotFoundError(
+            f"The offline mirror folder {path} (from {source}) does not exist or is not a "
+            f"folder. Fix the path so it points at a folder laid out like data/, or unset "
+            f"{ENV_MIRROR} to use the cache and the network only."
+        )
+    return path
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message)
+
+
+def fetch(name: str, *, data_dir: str | os.PathLike | None = None,
+          mirror: str | os.PathLike | None = None, offline: bool | None = None,
+          progress: bool = True, timeout: float = 30.0, retries: int = 3) -> Path:
+    """Return the local path of asset `name`: cache, then offline mirror, then network."""
+    asset = get_asset(name)
+    dest = Path(data_dir or default_data_dir()) / asset.filename
+    offline = offline_mode() if offline is None else offline
+    looked: list[str] = []
+
+    if dest.exists():
+        fault = verify_file(dest, asset)
+        if fault is None:
+            return dest
+        aside = dest.with_name(dest.name + ".corrupt")
+        os.replace(dest, aside)  # keep it for inspection rather than deleting anything
+        warnings.warn(f"The cached {dest} was damaged ({fault}); it was moved to {aside} "
+                      f"and a fresh copy is being fetched.", stacklevel=2)
+        looked.append(f"cache {dest}: damaged ({fault}), moved to {aside.name}")
+    else:
+        looked.append(f"cache {dest}: not there")
+
+    mirror_dir = _mirror_dir(mirror)
+    if mirror_dir is None:
+        looked.append(f"offline mirror: none configured (${ENV_MIRROR} is not set)")
+    else:
+        source = mirror_dir / asset.filename
+        fault = verify_file(source, asset) if source.is_file() else "not there"
+        if fault is None:
+            _copy_atomically(source, dest)
+            _say(progress, f"Copied {asset.filename} from the offline mirror {mirror_dir}")
+            return dest
+        looked.append(f"offline mirror {source}: {fault}")
+
+    if offline:
+        looked.append(f"network: not tried, offline mode is on (${ENV_OFFLINE}=1)")
+    else:
+        for url in asset.urls:
+            try:
+                _download(asset, url, dest, progress=progress, timeout=timeout, retries=retries)
+                _say(progress, f"Downloaded {asset.filename} from {url}")
+                return dest
+            except _DownloadError as exc:
+                looked.append(f"{url}: {exc}")
+    raise AssetUnavailableError(_explain(asset, dest, looked, offline))
+
+
+def _explain(asset: Asset, dest: Path, looked: list[str], offline: bool) -> str:
+    how = f"download {asset.url}"
+    if asset.backup_url:
+        how += f" (or the backup {asset.backup_url})"
+    if asset.archive_member:
+        how += f", extract the file {asset.archive_member!r} from the zip,"
+    lines = [f"Could not get the asset {asset.name!r} ({asset.filename}).", "Looked at:"]
+    lines += [f"  - {item}" for item in looked]
+    lines += ["What you can do:",
+              f"  - {how} and save it as {dest}",
+              f"  - or set {ENV_MIRROR} to a folder that holds {asset.filename}"]
+    if offline:
+        lines.append(f"  - or unset {ENV_OFFLINE} on a machine with internet access")
+    else:
+        lines.append("  - or check your internet connection and run the cell again")
+    return "\n".join(lines)
+
+
+def _copy_atomically(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+
+
+def _download(asset: Asset, url: str, dest: Path, *, progress: bool,
+              timeout: float, retries: int) -> None:
+    """Download `url` into `dest` via a `.part` file; raise _DownloadError on failure."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + (".zip.part" if asset.archive_member else ".part"))
+    resumed = _download_with_retries(url, part, asset, progress, timeout, retries)
+    try:
+        fault = _finish(asset, part, dest)
+        if fault and resumed:  # the kept partial file may have been stale: start over once
+            _download_with_retries(url, part, asset, progress, timeout, retries)
+            fault = _finish(asset, part, dest)
+    finally:
+        part.unlink(missing_ok=True)  # complete or rejected: either way the partial file goes
+    if fault:
+        raise _DownloadError(f"rejected the download: {fault}")
+
+
+def _download_with_retries(url: str, part: Path, asset: Asset, progress: bool,
+                           timeout: float, retries: int) -> bool:
+    """Stream `url` into `part`, resuming after dropped connections. Returns True if resumed."""
+    resumed = part.exists() and part.stat().st_size > 0
+    last_error = ""
+    for attempt in range(1, retries + 1):
+        try:
+            _stream(url, part, asset, progress, timeout)
+            return resumed
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416:  # our partial file is bigger than the remote one: start over
+                part.unlink(missing_ok=True)
+            elif exc.code < 500 and exc.code not in (408, 429):
+                raise _DownloadError(f"HTTP {exc.code} {exc.reason}") from exc
+            last_error = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            last_error = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
+        resumed = resumed or part.exists()
+        if attempt < retries:
+            time.sleep(min(2.0 ** (attempt - 1), 8.0) * 0.5)
+    raise _DownloadError(f"failed after {retries} attempts ({last_error})")
+
+
+def _stream(url: str, part: Path, asset: Asset, progress: bool, timeout: float) -> None:
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "llm-from-scratch-course"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=timeout) as resp:
+        if start and resp.status != 206:  # the server ignored the range: take it all again
+            start = 0
+        length = resp.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        show = progress and (total or asset.size or 0) >= PROGRESS_MIN_BYTES
+        with open(part, "ab" if start else "wb") as f, \
+                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=Path(asset.filename).name, disable=not show) as bar:
+            while block := resp.read(_CHUNK):
+                f.write(block)
+                bar.update(len(block))
+    got = part.stat().st_size
+    if total is not None and got < total:
+        raise http.client.IncompleteRead(b"", total - got)
+
+
+def _finish(asset: Asset, part: Path, dest: Path) -> str | None:
+    """Verify the downloaded `part` (extracting the archive member if needed) and move it
+    into place. Returns None on success, else the fault; `dest` is only ever written whole."""
+    if asset.archive_member is None:
+        fault = verify_file(part, asset)
+        if fault is None:
+            os.replace(part, dest)
+        return fault
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        with zipfile.ZipFile(part) as archive:
+            members = [m for m in archive.namelist() if Path(m).name == asset.archive_member]
+            if not members:
+                return f"the zip holds no {asset.archive_member!r} (it has {archive.namelist()})"
+            with archive.open(members[0]) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+    except zipfile.BadZipFile:
+        return "the download is not a valid zip file"
+    fault = verify_file(tmp, asset)
+    if fault is None:
+        os.replace(tmp, dest)
+    else:
+        tmp.unlink(missing_ok=True)
+    return fault
