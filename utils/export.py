@@ -89,9 +89,8 @@ def _split_docstring(cell: str, where: str) -> tuple[str, str]:
 
 def render_module(nb_path: str | Path, utils_dir: Path = UTILS_DIR) -> Rendered | None:
     """Build the text of the module a notebook exports (None if it has no `#| default_exp`)."""
-    nb_path = Path(nb_path).resolve()
-    where = nb_path.relative_to(REPO_ROOT).as_posix() if nb_path.is_relative_to(REPO_ROOT) \
-        else nb_path.name
+    nb_path, root = Path(nb_path).resolve(), Path(utils_dir).resolve().parent
+    where = nb_path.relative_to(root).as_posix() if nb_path.is_relative_to(root) else nb_path.name
     cells = _cells(nb_path)
     heads = [c for c in cells if _directive(c).startswith(_DEFAULT_EXP)]
     exported = [_body(c) for c in cells if _directive(c) == _EXPORT]
@@ -121,9 +120,10 @@ def _check_target(rendered: Rendered) -> None:
                           f"export into it. Pick another name in '{_DEFAULT_EXP}'.")
 
 
-def export_notebook(nb_path: str | Path, verbose: bool = True) -> Path | None:
-    """Write the module `nb_path` exports (only if its text changed) and report what happened."""
-    rendered = render_module(nb_path)
+def export_notebook(nb_path: str | Path, verbose: bool = True,
+                    utils_dir: Path = UTILS_DIR) -> Path | None:
+    """Write the module `nb_path` exports (only if its text changed) and say what it holds."""
+    rendered = render_module(nb_path, utils_dir)
     if rendered is None:
         return None
     _check_target(rendered)

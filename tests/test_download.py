@@ -1,0 +1,226 @@
+"""The asset registry and `fetch`: cache, offline mirror, network, and every failure path."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from utils import assets
+from utils.assets import ASSETS, Asset, UnknownAssetError, get_asset
+from utils.download import AssetUnavailableError, MirrorNotFoundError, fetch
+
+BODY = bytes(range(256)) * 16 * 1024  # 4 MiB: big enough for several read chunks
+GOOD = hashlib.sha256(BODY).hexdigest()
+
+
+def register(monkeypatch, name="test-file", **fields) -> Asset:
+    """Put a test asset into the registry for the duration of one test."""
+    defaults = dict(name=name, filename=f"sub/{name}.bin", url="http://127.0.0.1:9/none",
+                    size=len(BODY), sha256=GOOD)
+    asset = Asset(**{**defaults, **fields})
+    monkeypatch.setitem(ASSETS, name, asset)
+    return asset
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
+
+
+def test_good_download(monkeypatch, tmp_path, file_server):
+    file_server.routes["/f"] = (200, BODY, "ok")
+    register(monkeypatch, url=file_server.url("/f"))
+    path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    assert path == tmp_path / "sub" / "test-file.bin"
+    assert path.read_bytes() == BODY
+    assert leftovers(tmp_path) == ["test-file.bin"]  # no .part or .tmp left
+
+
+def test_checksum_mismatch_is_rejected_and_leaves_nothing(monkeypatch, tmp_path, file_server):
+    tampered = b"X" + BODY[1:]  # same size, different bytes
+    file_server.routes["/f"] = (200, tampered, "ok")
+    register(monkeypatch, url=file_server.url("/f"))
+    with pytest.raises(AssetUnavailableError, match="sha256"):
+        fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_dropped_connection_leaves_no_complete_file_then_resumes(monkeypatch, tmp_path,
+                                                                 file_server):
+    file_server.routes["/f"] = (200, BODY, "drop")
+    register(monkeypatch, url=file_server.url("/f"))
+    with pytest.raises(AssetUnavailableError, match="failed after 2 attempts"):
+        fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False,
+              retries=2)
+    dest = tmp_path / "sub" / "test-file.bin"
+    assert not dest.exists()
+    part = dest.with_name("test-file.bin.part")
+    assert 0 < part.stat().st_size < len(BODY)  # only a partial file, named as such
+
+    file_server.routes["/f"] = (200, BODY, "ok")  # the connection is back
+    file_server.requests.clear()
+    path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    assert path.read_bytes() == BODY
+    # each dropped attempt delivered half of what remained (1/2, then 3/4 of the file),
+    # and the next download asked only for the rest
+    assert file_server.requests == [("/f", f"bytes={len(BODY) * 3 // 4}-")]
+    assert leftovers(tmp_path) == ["test-file.bin"]
+
+
+def test_server_that_ignores_range_restarts_cleanly(monkeypatch, tmp_path, file_server):
+    file_server.routes["/f"] = (200, BODY, "no-range")
+    register(monkeypatch, url=file_server.url("/f"))
+    dest = tmp_path / "sub" / "test-file.bin"
+    dest.parent.mkdir(parents=True)
+    dest.with_name("test-file.bin.part").write_bytes(b"stale partial bytes")
+    assert fetch("test-file", data_dir=tmp_path, mirror="", offline=False,
+                 progress=False).read_bytes() == BODY
+
+
+def test_backup_url_used_when_primary_fails(monkeypatch, tmp_path, file_server):
+    file_server.routes["/primary"] = (500, b"server error", "ok")
+    file_server.routes["/backup"] = (200, BODY, "ok")
+    register(monkeypatch, url=file_server.url("/primary"), backup_url=file_server.url("/backup"))
+    path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False,
+                 retries=2)
+    assert path.read_bytes() == BODY
+    assert [p for p, _ in file_server.requests] == ["/primary", "/primary", "/backup"]
+
+
+def test_client_error_is_not_retried(monkeypatch, tmp_path, file_server):
+    register(monkeypatch, url=file_server.url("/gone"))  # unrouted: 404
+    with pytest.raises(AssetUnavailableError, match="HTTP 404"):
+        fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    assert len(file_server.requests) == 1
+
+
+def test_cached_file_is_reused_without_network(monkeypatch, tmp_path, file_server, no_network):
+    register(monkeypatch, url=file_server.url("/f"))  # unrouted, and never asked
+    cached = tmp_path / "sub" / "test-file.bin"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(BODY)
+    assert fetch("test-file", data_dir=tmp_path, mirror="", offline=False) == cached
+    assert file_server.requests == []
+
+
+def test_no_network_and_no_mirror_gives_a_clear_error(monkeypatch, tmp_path):
+    register(monkeypatch, url="https://example.invalid/f", backup_url="https://b.invalid/f")
+    with pytest.raises(AssetUnavailableError) as err:
+        fetch("test-file", data_dir=tmp_path, mirror="", offline=True)
+    message = str(err.value)
+    for expected in ["'test-file'", str(tmp_path / "sub" / "test-file.bin"), "not there",
+                     "none configured", "offline mode is on", "LLM_COURSE_MIRROR",
+                     "https://example.invalid/f", "https://b.invalid/f", "unset LLM_COURSE_OFFLINE"]:
+        assert expected in message, expected
+
+
+def test_unreachable_network_names_each_url(monkeypatch, tmp_path, no_network):
+    register(monkeypatch, url="https://example.invalid/f")
+    with pytest.raises(AssetUnavailableError, match=r"https://example.invalid/f: failed after 1"):
+        fetch("test-file", data_dir=tmp_path, mirror="", offline=False, retries=1)
+
+
+def test_mirror_is_used_and_copied_into_cache(monkeypatch, tmp_path, no_network):
+    register(monkeypatch)
+    mirror = tmp_path / "mirror"
+    (mirror / "sub").mkdir(parents=True)
+    (mirror / "sub" / "test-file.bin").write_bytes(BODY)
+    path = fetch("test-file", data_dir=tmp_path / "cache", mirror=mirror, offline=True,
+                 progress=False)
+    assert path == tmp_path / "cache" / "sub" / "test-file.bin" and path.read_bytes() == BODY
+
+
+def test_corrupt_mirror_copy_is_rejected(monkeypatch, tmp_path):
+    register(monkeypatch)
+    mirror = tmp_path / "mirror"
+    (mirror / "sub").mkdir(parents=True)
+    (mirror / "sub" / "test-file.bin").write_bytes(BODY[:-1])
+    with pytest.raises(AssetUnavailableError, match=r"size 4194303 bytes, expected 4194304"):
+        fetch("test-file", data_dir=tmp_path / "cache", mirror=mirror, offline=True)
+    assert leftovers(tmp_path / "mirror") == ["test-file.bin"]
+    assert not (tmp_path / "cache").exists() or leftovers(tmp_path / "cache") == []
+
+
+def test_corrupt_cache_file_is_kept_aside_and_replaced(monkeypatch, tmp_path):
+    register(monkeypatch)
+    cached = tmp_path / "cache" / "sub" / "test-file.bin"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"truncated")
+    mirror = tmp_path / "mirror"
+    (mirror / "sub").mkdir(parents=True)
+    (mirror / "sub" / "test-file.bin").write_bytes(BODY)
+    with pytest.warns(UserWarning, match="was damaged"):
+        path = fetch("test-file", data_dir=tmp_path / "cache", mirror=mirror, offline=True,
+                     progress=False)
+    assert path.read_bytes() == BODY
+    assert cached.with_name("test-file.bin.corrupt").read_bytes() == b"truncated"
+
+
+def test_missing_mirror_folder_is_a_clear_error(monkeypatch, tmp_path):
+    register(monkeypatch)
+    with pytest.raises(MirrorNotFoundError, match="does not exist.*unset LLM_COURSE_MIRROR"):
+        fetch("test-file", data_dir=tmp_path, mirror=tmp_path / "no-such-folder", offline=True)
+
+
+def test_unknown_asset_name_suggests_the_right_one():
+    with pytest.raises(UnknownAssetError, match="Did you mean 'the-verdict'"):
+        get_asset("the-verdikt")
+    with pytest.raises(UnknownAssetError, match="Known assets: the-verdict"):
+        fetch("nothing-like-it")
+
+
+def _zip_with(member: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme", "not this one")
+        archive.writestr(member, data)
+    return buffer.getvalue()
+
+
+def test_zip_asset_extracts_its_member(monkeypatch, tmp_path, file_server):
+    file_server.routes["/a.zip"] = (200, _zip_with("SMSSpamCollection", BODY), "ok")
+    register(monkeypatch, filename="spam.tsv", url=file_server.url("/a.zip"),
+             archive_member="SMSSpamCollection")
+    path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    assert path.read_bytes() == BODY
+    assert leftovers(tmp_path) == ["spam.tsv"]  # the zip itself is not kept
+
+
+def test_zip_without_the_member_is_rejected(monkeypatch, tmp_path, file_server):
+    file_server.routes["/a.zip"] = (200, _zip_with("other-name", BODY), "ok")
+    register(monkeypatch, filename="spam.tsv", url=file_server.url("/a.zip"),
+             archive_member="SMSSpamCollection")
+    with pytest.raises(AssetUnavailableError, match="holds no 'SMSSpamCollection'"):
+        fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    assert leftovers(tmp_path) == []
+
+
+# --- the real registry ------------------------------------------------------------------
+
+def test_registry_entries_are_well_formed():
+    for name, asset in ASSETS.items():
+        assert asset.name == name
+        assert re.fullmatch(r"[0-9a-f]{64}", asset.sha256), name
+        assert asset.url.startswith("https://"), name
+        assert asset.size is None or asset.size > 0, name
+
+
+def test_data_readme_lists_every_asset():
+    readme = (Path(assets.__file__).parent.parent / "data" / "README.md").read_text()
+    for asset in ASSETS.values():
+        assert asset.name in readme and asset.sha256 in readme and asset.url in readme, asset.name
+
+
+def test_mirror_copies_match_the_registry(mirror_dir, tmp_path, no_network):
+    """Every asset the mirror holds passes verification (the GPT-2 weights are not in it)."""
+    found = [a for a in ASSETS.values() if (mirror_dir / a.filename).is_file()]
+    assert {a.name for a in found} >= {"the-verdict", "sms-spam-collection", "instruction-data",
+                                       "gpt2-encoder-json", "gpt2-vocab-bpe"}
+    for asset in found:
+        path = fetch(asset.name, data_dir=tmp_path, mirror=mirror_dir, offline=True,
+                     progress=False)
+        assert path.stat().st_size == asset.size
