@@ -7,6 +7,11 @@ cells; edit the notebook, never the module):
 | ------------- | --------------------------- | --------------------------------------------------------- |
 | `utils.text`  | notebooks/02_text_data      | SimpleTokenizerV1, SimpleTokenizerV2, get_gpt2_tokenizer, |
 |               |                             | GPTDatasetV1, create_dataloader_v1                        |
+| `utils.attention` | notebooks/03_attention  | CausalAttention, MultiHeadAttention                       |
+| `utils.model` | notebooks/04_gpt_model      | GPTConfig, GPT2_SMALL_124M, GPT2_MEDIUM_355M,             |
+|               |                             | GPT2_LARGE_774M, GPT2_XL_1558M, GPT_TINY, GPT2_PRESETS,   |
+|               |                             | LayerNorm, GELU, FeedForward, TransformerBlock, GPTModel, |
+|               |                             | generate_text_simple                                      |
 
 Hand-written modules (no notebook teaches them):
 
