@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-# The saved notebook outputs are the CPU run's; notebook kernels inherit this.
+# The saved notebook outputs are the CPU run's, with training-heavy cells at the reduced size
+# of quick mode; notebook kernels started by nbval inherit these.
 os.environ.setdefault("LLM_COURSE_DEVICE", "cpu")
+os.environ.setdefault("LLM_COURSE_QUICK", "1")
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 from utils.export import (GENERATED_MARKER, NOTEBOOKS_DIR, REPO_ROOT, UTILS_DIR, ExportError,
-                          export_notebook, render_module, stale_modules)
+                          export_notebook, render_modules, stale_modules)
 
 
 def test_every_generated_module_matches_its_notebook():
@@ -23,8 +23,7 @@ def test_every_generated_module_names_an_existing_notebook_that_exports_it():
         if not text.startswith(GENERATED_MARKER):
             continue  # hand-written
         source = text.split("\n", 1)[0][len(GENERATED_MARKER):].split(" -- ")[0].strip()
-        rendered = render_module(REPO_ROOT / source)
-        assert rendered is not None and rendered.path == module, module.name
+        assert module in [r.path for r in render_modules(REPO_ROOT / source)], module.name
 
 
 def test_a_hand_edited_module_is_detected(tmp_path):
@@ -54,7 +53,7 @@ def test_module_layout_header_docstring_all_and_code(tmp_path):
                        "print('not exported')",
                        "#| export\ndef area(r):\n    return math.pi * r * r",
                        "#| export\n_cache = {}\nclass Circle:\n    pass\nUNIT = 1.0")
-    rendered = render_module(nb, utils_dir=tmp_path / "utils")
+    [rendered] = render_modules(nb, utils_dir=tmp_path / "utils")
     lines = rendered.source.splitlines()
     assert lines[0].startswith(f"{GENERATED_MARKER} toy.ipynb -- do not edit.")
     assert ast.get_docstring(ast.parse(rendered.source)) == "A toy module."
@@ -67,7 +66,7 @@ def test_module_layout_header_docstring_all_and_code(tmp_path):
 
 def test_export_writes_and_refuses_hand_written_modules(tmp_path, capsys):
     nb = make_notebook(tmp_path / "toy.ipynb", HEAD, "#| export\ndef f():\n    return 1")
-    path = export_notebook(nb, utils_dir=tmp_path)
+    [path] = export_notebook(nb, utils_dir=tmp_path)
     assert path == tmp_path / "toy.py" and path.read_text().startswith(GENERATED_MARKER)
     assert "utils/toy.py exports: f" in capsys.readouterr().out
     path.write_text('"""Hand-written."""\n')
@@ -77,17 +76,25 @@ def test_export_writes_and_refuses_hand_written_modules(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cells,message", [
-    (["#| export\nx = 1"], "no '#| default_exp MODULE' cell"),
+    (["#| export\nx = 1"], "'#| export' cell before any '#| default_exp MODULE' cell"),
     (["#| default_exp toy\nimport math"], "start the '#| default_exp' cell with the module's"),
-    ([HEAD, HEAD], "2 '#| default_exp' cells"),
+    ([HEAD, HEAD], "two '#| default_exp toy' cells"),
     (["#| default_exp not-a-name\n'''doc'''"], "must name a module"),
     ([HEAD, "#| export\ndef broken(:"], "not valid Python"),
 ])
 def test_malformed_directives_are_clear_errors(tmp_path, cells, message):
     nb = make_notebook(tmp_path / "bad.ipynb", *cells)
     with pytest.raises(ExportError, match=message.replace("|", r"\|").replace("(", r"\(")):
-        render_module(nb, utils_dir=tmp_path)
+        render_modules(nb, utils_dir=tmp_path)
 
 
 def test_notebook_without_directives_exports_nothing(tmp_path):
-    assert render_module(make_notebook(tmp_path / "plain.ipynb", "x = 1")) is None
+    assert render_modules(make_notebook(tmp_path / "plain.ipynb", "x = 1")) == []
+
+
+def test_one_notebook_can_fill_two_modules(tmp_path):
+    nb = make_notebook(tmp_path / "two.ipynb", HEAD, "#| export\ndef f():\n    return 1",
+                       '#| default_exp other\n"""Another."""', "#| export\ndef g():\n    return 2")
+    first, second = render_modules(nb, utils_dir=tmp_path / "utils")
+    assert (first.module, first.names, second.module, second.names) == ("toy", ["f"], "other", ["g"])
+    assert "def g" not in first.source and "def f" not in second.source

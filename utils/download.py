@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.assets import Asset, get_asset
+from utils.paths import REPO_ROOT
 
 __all__ = [
     "fetch", "verify_file", "default_data_dir", "offline_mode",
@@ -58,7 +59,7 @@ class _DownloadError(Exception):
 def default_data_dir() -> Path:
     """The cache folder: `$LLM_COURSE_DATA`, else `data/` beside the `utils` package."""
     env = os.environ.get(ENV_DATA_DIR)
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+    return Path(env) if env else REPO_ROOT / "data"
 
 
 def offline_mode() -> bool:

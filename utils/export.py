@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ExportError", "render_module", "export_notebook", "export_all", "stale_modules",
+__all__ = ["ExportError", "render_modules", "export_notebook", "export_all", "stale_modules",
            "GENERATED_MARKER", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -87,30 +87,41 @@ def _split_docstring(cell: str, where: str) -> tuple[str, str]:
     return "\n".join(lines[:first.end_lineno]), "\n".join(lines[first.end_lineno:]).strip("\n")
 
 
-def render_module(nb_path: str | Path, utils_dir: Path = UTILS_DIR) -> Rendered | None:
-    """Build the text of the module a notebook exports (None if it has no `#| default_exp`)."""
-    nb_path, root = Path(nb_path).resolve(), Path(utils_dir).resolve().parent
-    where = nb_path.relative_to(root).as_posix() if nb_path.is_relative_to(root) else nb_path.name
-    cells = _cells(nb_path)
-    heads = [c for c in cells if _directive(c).startswith(_DEFAULT_EXP)]
-    exported = [_body(c) for c in cells if _directive(c) == _EXPORT]
-    if not heads:
-        if exported:
-            raise ExportError(f"{where} has '{_EXPORT}' cells but no '{_DEFAULT_EXP} MODULE' cell")
-        return None
-    if len(heads) > 1:
-        raise ExportError(f"{where} has {len(heads)} '{_DEFAULT_EXP}' cells; keep one")
-    module = _directive(heads[0])[len(_DEFAULT_EXP):].strip()
+def _render(module: str, head: str, bodies: list[str], where: str, utils_dir: Path) -> Rendered:
     if not module.isidentifier():
-        raise ExportError(f"{where}: '{_directive(heads[0])}' must name a module, e.g. 'text'")
-    docstring, head_code = _split_docstring(_body(heads[0]), where)
-    code = "\n\n\n".join(c.rstrip() for c in [head_code, *exported] if c.strip())
+        raise ExportError(f"{where}: '{_DEFAULT_EXP} {module}' must name a module, e.g. 'text'")
+    docstring, head_code = _split_docstring(head, where)
+    code = "\n\n\n".join(c.rstrip() for c in [head_code, *bodies] if c.strip())
     names = _public_names(code, where)
     header = (f"{GENERATED_MARKER} {where} -- do not edit.\n"
               f"# Change the notebook's '{_EXPORT}' cells, then run: python -m utils.export\n")
     all_line = "__all__ = [" + ", ".join(f'"{n}"' for n in names) + "]"
     source = f"{header}{docstring}\n\n{all_line}\n\n\n{code}\n"
     return Rendered(module, Path(utils_dir) / f"{module}.py", source, names)
+
+
+def render_modules(nb_path: str | Path, utils_dir: Path = UTILS_DIR) -> list[Rendered]:
+    """Build the text of every module a notebook exports (none without `#| default_exp`).
+
+    Each `#| default_exp MODULE` cell starts a module; the `#| export` cells after it, up to
+    the next `#| default_exp`, go into that module.
+    """
+    nb_path, root = Path(nb_path).resolve(), Path(utils_dir).resolve().parent
+    where = nb_path.relative_to(root).as_posix() if nb_path.is_relative_to(root) else nb_path.name
+    groups: list[tuple[str, str, list[str]]] = []  # (module, head cell, exported cells)
+    for cell in _cells(nb_path):
+        directive = _directive(cell)
+        if directive.startswith(_DEFAULT_EXP):
+            module = directive[len(_DEFAULT_EXP):].strip()
+            if any(module == g[0] for g in groups):
+                raise ExportError(f"{where} has two '{_DEFAULT_EXP} {module}' cells; keep one")
+            groups.append((module, _body(cell), []))
+        elif directive == _EXPORT:
+            if not groups:
+                raise ExportError(f"{where} has an '{_EXPORT}' cell before any "
+                                  f"'{_DEFAULT_EXP} MODULE' cell")
+            groups[-1][2].append(_body(cell))
+    return [_render(m, head, bodies, where, utils_dir) for m, head, bodies in groups]
 
 
 def _check_target(rendered: Rendered) -> None:
@@ -121,18 +132,18 @@ def _check_target(rendered: Rendered) -> None:
 
 
 def export_notebook(nb_path: str | Path, verbose: bool = True,
-                    utils_dir: Path = UTILS_DIR) -> Path | None:
-    """Write the module `nb_path` exports (only if its text changed) and say what it holds."""
-    rendered = render_module(nb_path, utils_dir)
-    if rendered is None:
-        return None
-    _check_target(rendered)
-    old = rendered.path.read_text(encoding="utf-8") if rendered.path.exists() else None
-    if old != rendered.source:
-        rendered.path.write_text(rendered.source, encoding="utf-8")
-    if verbose:  # the same words whether or not the file changed, so nbval can compare them
-        print(f"utils/{rendered.path.name} exports: {', '.join(rendered.names)}")
-    return rendered.path
+                    utils_dir: Path = UTILS_DIR) -> list[Path]:
+    """Write the modules `nb_path` exports (only those whose text changed); say what they hold."""
+    rendered_all = render_modules(nb_path, utils_dir)
+    for rendered in rendered_all:
+        _check_target(rendered)
+    for rendered in rendered_all:
+        old = rendered.path.read_text(encoding="utf-8") if rendered.path.exists() else None
+        if old != rendered.source:
+            rendered.path.write_text(rendered.source, encoding="utf-8")
+        if verbose:  # the same words whether or not the file changed, so nbval can compare them
+            print(f"utils/{rendered.path.name} exports: {', '.join(rendered.names)}")
+    return [r.path for r in rendered_all]
 
 
 def _notebooks(notebooks_dir: Path) -> list[Path]:
@@ -144,18 +155,16 @@ def stale_modules(notebooks_dir: Path = NOTEBOOKS_DIR, utils_dir: Path = UTILS_D
     """Generated modules whose text differs from what their notebook exports."""
     stale = []
     for nb in _notebooks(notebooks_dir):
-        rendered = render_module(nb, utils_dir)
-        if rendered is None:
-            continue
-        current = rendered.path.read_text(encoding="utf-8") if rendered.path.exists() else None
-        if current != rendered.source:
-            stale.append(f"utils/{rendered.path.name} (from {nb.name})")
+        for rendered in render_modules(nb, utils_dir):
+            current = rendered.path.read_text(encoding="utf-8") if rendered.path.exists() else None
+            if current != rendered.source:
+                stale.append(f"utils/{rendered.path.name} (from {nb.name})")
     return stale
 
 
 def export_all(verbose: bool = True) -> list[Path]:
     """Re-export every notebook under notebooks/."""
-    return [p for nb in _notebooks(NOTEBOOKS_DIR) if (p := export_notebook(nb, verbose))]
+    return [p for nb in _notebooks(NOTEBOOKS_DIR) for p in export_notebook(nb, verbose)]
 
 
 def main(argv: list[str] | None = None) -> int:

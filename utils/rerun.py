@@ -3,7 +3,8 @@
 nbval compares every cell's output with the output saved in the notebook, so the saved
 outputs must be exactly what the test run produces. This command runs notebooks the way
 `pytest` does (this environment's own kernel, the notebook's folder as working directory,
-CPU unless `$LLM_COURSE_DEVICE` says otherwise) and writes the fresh outputs back:
+CPU unless `$LLM_COURSE_DEVICE` says otherwise, quick mode unless `$LLM_COURSE_QUICK=0`)
+and writes the fresh outputs back:
 
     python -m utils.rerun notebooks/02_text_data.ipynb [more.ipynb ...]
     python -m utils.rerun --mirror ../shared/data notebooks/*.ipynb   # offline, as CI runs
@@ -26,6 +27,7 @@ from nbval.kernel import CURRENT_ENV_KERNEL_NAME, NbvalKernelspecManager
 
 from utils.device import ENV_DEVICE
 from utils.download import ENV_MIRROR, ENV_OFFLINE
+from utils.paths import ENV_QUICK
 
 __all__ = ["rerun_notebook"]
 
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--mirror", type=Path, help="offline mirror folder (turns offline on)")
     args = parser.parse_args(argv)
-    os.environ.setdefault(ENV_DEVICE, "cpu")  # the saved outputs are the CPU run's
+    os.environ.setdefault(ENV_DEVICE, "cpu")  # the saved outputs are the CPU run's,
+    os.environ.setdefault(ENV_QUICK, "1")  # in quick mode, exactly as pytest runs them
     if args.mirror is not None:
         os.environ[ENV_MIRROR] = str(args.mirror.resolve())
         os.environ[ENV_OFFLINE] = "1"
