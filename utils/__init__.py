@@ -12,6 +12,15 @@ cells; edit the notebook, never the module):
 |               |                             | GPT2_LARGE_774M, GPT2_XL_1558M, GPT_TINY, GPT2_PRESETS,   |
 |               |                             | LayerNorm, GELU, FeedForward, TransformerBlock, GPTModel, |
 |               |                             | generate_text_simple                                      |
+| `utils.train` | notebooks/05_pretraining    | text_to_token_ids, token_ids_to_text, calc_loss_batch,    |
+|               |                             | calc_loss_loader, evaluate_model,                         |
+|               |                             | generate_and_print_sample, train_model_simple, plot_losses|
+| `utils.generation` | notebooks/05_pretraining | generate (temperature, top-k, end token)               |
+| `utils.checkpoint` | notebooks/05_pretraining | save_checkpoint, load_checkpoint, checkpoint_info,     |
+|               |                             | chapter5_checkpoint, CheckpointError                      |
+| `utils.pretrained` | notebooks/05_pretraining | load_weights_into_gpt, load_pretrained_gpt2            |
+| `utils.train_extras` | notebooks/appendix_D_training_extras | lr_at_step, find_highest_gradient,   |
+|               |                             | train_model                                               |
 
 Hand-written modules (no notebook teaches them):
 
@@ -22,6 +31,8 @@ Hand-written modules (no notebook teaches them):
 | `utils.device`   | `get_device()`: CUDA, else Apple MPS, else CPU                        |
 | `utils.export`   | the notebook -> module exporter (`python -m utils.export`)            |
 | `utils.rerun`    | re-executes notebooks and saves outputs (`python -m utils.rerun`)     |
+| `utils.paths`    | repository root, checkpoint folder, quick mode                        |
+| `utils.pretrain` | pretraining command, single process or DDP under `torchrun`          |
 
 Shape legend used in comments throughout: B batch, T tokens, C embedding dim,
 H heads, D head dim, V vocabulary size.
