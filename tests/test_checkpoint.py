@@ -79,6 +79,14 @@ def test_mismatched_config_names_the_difference(tmp_path):
         load_checkpoint(path, model=other)
 
 
+def test_a_different_dropout_rate_is_not_a_mismatch(tmp_path):
+    model, _ = trained_pair()
+    path = save_checkpoint(tmp_path / "ckpt.pt", model)
+    no_dropout = GPTModel(dataclasses.replace(CFG, drop_rate=0.0))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path, model=no_dropout).eval()(PROBE), model(PROBE))
+
+
 def test_missing_optimizer_state_is_a_clear_error(tmp_path):
     model, optimizer = trained_pair()
     path = save_checkpoint(tmp_path / "ckpt.pt", model)

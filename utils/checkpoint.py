@@ -76,15 +76,17 @@ def checkpoint_info(path) -> dict:
 def load_checkpoint(path, model: GPTModel | None = None, optimizer=None,
                     device="cpu") -> GPTModel:
     """Load a checkpoint into `model` (built from the stored config if None) and optionally
-    `optimizer`; a config that differs from the stored one is a CheckpointError."""
+    `optimizer`; an architecture that differs from the stored one is a CheckpointError
+    (the dropout rate may differ: it is a training setting)."""
     payload = _read(path)
     stored = GPTConfig(**payload["config"])
     if model is None:
         model = GPTModel(stored)
-    elif model.cfg != stored:
-        diffs = [f"{f.name}: checkpoint {getattr(stored, f.name)!r}, model "
-                 f"{getattr(model.cfg, f.name)!r}" for f in dataclasses.fields(GPTConfig)
-                 if getattr(stored, f.name) != getattr(model.cfg, f.name)]
+    diffs = [f"{f.name}: checkpoint {getattr(stored, f.name)!r}, model "
+             f"{getattr(model.cfg, f.name)!r}" for f in dataclasses.fields(GPTConfig)
+             if f.name != "drop_rate"  # a training setting, not part of the architecture
+             and getattr(stored, f.name) != getattr(model.cfg, f.name)]
+    if diffs:
         raise CheckpointError(f"{path} was saved from a different model configuration ("
                               + "; ".join(diffs) + "). Build the model with "
                               "checkpoint_info(path)['config'], or pass model=None.")

@@ -16,7 +16,7 @@ import difflib
 import torch
 from safetensors.torch import load_file
 
-from utils.checkpoint import chapter5_checkpoint, load_checkpoint
+from utils.checkpoint import chapter5_checkpoint, checkpoint_info, load_checkpoint
 from utils.download import AssetUnavailableError, fetch, offline_mode
 from utils.model import GPT2_PRESETS, GPTModel
 
@@ -126,7 +126,9 @@ def load_pretrained_gpt2(model_name: str = "gpt2-small (124M)", progress: bool =
             print(f"NOTICE: the {model_name} weights are not available and offline mode is on, "
                   f"so this uses the model pretrained in chapter 5 ({chapter5_checkpoint().name}) "
                   f"instead. Its results are far weaker than GPT-2's.")
-            return load_checkpoint(chapter5_checkpoint()).eval()
+            stored = checkpoint_info(chapter5_checkpoint())["config"]
+            model = GPTModel(dataclasses.replace(stored, drop_rate=0.0))  # as for GPT-2 below
+            return load_checkpoint(chapter5_checkpoint(), model=model).eval()
         raise AssetUnavailableError(f"{exc}\n(In offline mode, running notebooks/05_pretraining"
                                     f".ipynb first provides a fallback model.)") from exc
     cfg = dataclasses.replace(GPT2_PRESETS[model_name], context_length=1024, qkv_bias=True,
