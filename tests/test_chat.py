@@ -1,0 +1,55 @@
+"""The chat command: a scripted conversation with a tiny model."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.chat import main, stream_response
+from utils.checkpoint import save_checkpoint
+from utils.model import GPT_TINY, GPTModel
+
+
+def tiny_checkpoint(path):
+    torch.manual_seed(0)
+    return save_checkpoint(path, GPTModel(GPT_TINY))
+
+
+def test_scripted_conversation(tmp_path, mirror_dir, monkeypatch):
+    monkeypatch.setenv("LLM_COURSE_MIRROR", str(mirror_dir))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    stdin = io.StringIO("Name a color.\n\n" + "word " * 80 + "\n")  # then end of input
+    out = io.StringIO()
+    assert main(["--checkpoint", str(ckpt), "--max-new-tokens", "6"], stdin=stdin, out=out) == 0
+    text = out.getvalue()
+    assert text.count(">>> ") == 4  # three lines read, then end of input
+    assert "model reads at most 64 tokens" in text  # the long one is refused
+    assert text.rstrip().endswith("Bye.")
+    first_answer = text.split(">>> ")[1].split("\n")[0]
+    assert 0 < len(first_answer)  # something was streamed for the first instruction
+
+
+def test_stream_stops_at_end_of_text():
+    class SaysEnd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_emb = torch.nn.Embedding(16, 2)
+
+        def forward(self, idx):
+            logits = torch.zeros(idx.shape[0], idx.shape[1], 50257)
+            logits[:, -1, 50256 if idx.shape[1] >= 4 else 7] = 1.0
+            return logits
+
+    assert list(stream_response(SaysEnd(), [1, 2], max_new_tokens=10)) == [7, 7]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "utils.chat", "--checkpoint",
+                             str(tmp_path / "none.pt")], capture_output=True, text=True,
+                            input="", timeout=120, cwd=Path(__file__).parent.parent,
+                            env={**os.environ})
+    assert result.returncode == 2
+    assert "No checkpoint at" in result.stderr and "07_instruction_finetuning" in result.stderr

@@ -1,0 +1,107 @@
+"""Chat with your instruction-finetuned model in a terminal (hand-written entry point).
+
+Loads a checkpoint written by notebooks/07_instruction_finetuning.ipynb (or any course
+checkpoint), wraps each line you type in chapter 7's Alpaca prompt format, and prints the
+response token by token as it is generated, stopping at <|endoftext|>:
+
+    python -m utils.chat                                   # checkpoints/07_instruction_model.pt
+    python -m utils.chat --checkpoint my_model.pt --temperature 0.7 --top-k 40
+
+Type an instruction and press Enter; an empty line is ignored; `quit` or end of input
+(Ctrl-D) exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.instruct import RESPONSE_HEADER, format_input
+from utils.paths import checkpoint_dir
+from utils.text import get_gpt2_tokenizer
+
+__all__ = ["stream_response", "main"]
+
+EOS_ID = 50256  # <|endoftext|>
+
+
+def stream_response(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None):
+    """Yield new token IDs one at a time until <|endoftext|> or `max_new_tokens`."""
+    context = model.pos_emb.weight.shape[0]
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], device=device)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(idx[:, -context:])[:, -1, :]  # (1, V)
+        if top_k is not None:
+            kth = torch.topk(logits, top_k).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if temperature > 0:
+            next_id = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+        else:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        if next_id.item() == EOS_ID:
+            return
+        yield next_id.item()
+        idx = torch.cat([idx, next_id], dim=1)
+
+
+def _answer(model, tokenizer, instruction: str, args, out) -> None:
+    prompt_ids = tokenizer.encode(format_input({"instruction": instruction, "input": ""})
+                                  + RESPONSE_HEADER)
+    context = model.pos_emb.weight.shape[0]
+    if len(prompt_ids) >= context:
+        print(f"[That instruction is {len(prompt_ids)} tokens with the prompt template, but this "
+              f"model reads at most {context} tokens, including its answer. Please shorten it.]",
+              file=out, flush=True)
+        return
+    generated: list[int] = []
+    shown = ""
+    for token_id in stream_response(model, prompt_ids, args.max_new_tokens, args.temperature,
+                                    args.top_k):
+        generated.append(token_id)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    out.write("\n")
+
+
+def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
+    parser = argparse.ArgumentParser(description="Chat with an instruction-finetuned model.")
+    parser.add_argument("--checkpoint", type=Path,
+                        default=checkpoint_dir() / "07_instruction_model.pt")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=123)
+    args = parser.parse_args(argv)
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    try:
+        model = load_checkpoint(args.checkpoint).eval()
+    except (FileNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}\nRun notebooks/07_instruction_finetuning.ipynb to create the model, "
+              f"or pass --checkpoint PATH.", file=sys.stderr)
+        return 2
+    tokenizer = get_gpt2_tokenizer()
+    torch.manual_seed(args.seed)
+    print(f"Loaded {args.checkpoint.name} ({sum(p.numel() for p in model.parameters()):,} "
+          f"parameters). Type an instruction; `quit` or Ctrl-D to leave.", file=out, flush=True)
+    while True:
+        print("\n>>> ", end="", file=out, flush=True)
+        line = stdin.readline()
+        if not line or line.strip().lower() in {"quit", "exit"}:  # end of input, or asked to
+            print("\nBye.", file=out, flush=True)
+            return 0
+        if line.strip():
+            _answer(model, tokenizer, line.strip(), args, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
