@@ -21,6 +21,18 @@ cells; edit the notebook, never the module):
 | `utils.pretrained` | notebooks/05_pretraining | load_weights_into_gpt, load_pretrained_gpt2            |
 | `utils.train_extras` | notebooks/appendix_D_training_extras | lr_at_step, find_highest_gradient,   |
 |               |                             | train_model                                               |
+| `utils.classify` | notebooks/06_classification | create_balanced_dataset, random_split, SpamDataset,    |
+|               |                             | calc_accuracy_loader, calc_class_loss_batch,              |
+|               |                             | calc_class_loss_loader, evaluate_classifier,              |
+|               |                             | train_classifier_simple, plot_values, classify_review     |
+| `utils.lora`  | notebooks/appendix_E_lora   | LoRALayer, LinearWithLoRA, replace_linear_with_lora,      |
+|               |                             | merge_lora                                                |
+| `utils.instruct` | notebooks/07_instruction_finetuning | format_input, format_example,             |
+|               |                             | split_instruction_data, InstructionDataset,               |
+|               |                             | custom_collate_fn                                         |
+| `utils.evaluation` | notebooks/07_instruction_finetuning | query_model, is_ollama_running,         |
+|               |                             | generate_model_scores, calc_response_loss, rouge_l,       |
+|               |                             | reference_overlap_scores                                  |
 
 Hand-written modules (no notebook teaches them):
 
@@ -33,6 +45,7 @@ Hand-written modules (no notebook teaches them):
 | `utils.rerun`    | re-executes notebooks and saves outputs (`python -m utils.rerun`)     |
 | `utils.paths`    | repository root, checkpoint folder, quick mode                        |
 | `utils.pretrain` | pretraining command, single process or DDP under `torchrun`          |
+| `utils.chat`     | chat with an instruction-finetuned checkpoint (`python -m utils.chat`)|
 
 Shape legend used in comments throughout: B batch, T tokens, C embedding dim,
 H heads, D head dim, V vocabulary size.
