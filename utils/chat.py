@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.generation import generate
 from utils.instruct import RESPONSE_HEADER, format_input
 from utils.paths import checkpoint_dir
 from utils.text import get_gpt2_tokenizer
@@ -33,22 +34,14 @@ def stream_response(model, prompt_ids: list[int], max_new_tokens: int, temperatu
                     top_k: int | None = None):
     """Yield new token IDs one at a time until <|endoftext|> or `max_new_tokens`."""
     context = model.pos_emb.weight.shape[0]
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt_ids], device=device)
+    idx = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(idx[:, -context:])[:, -1, :]  # (1, V)
-        if top_k is not None:
-            kth = torch.topk(logits, top_k).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if temperature > 0:
-            next_id = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
-        else:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        if next_id.item() == EOS_ID:
+        longer = generate(model, idx, 1, context, temperature=temperature, top_k=top_k,
+                          eos_id=EOS_ID)
+        if longer.shape[1] == idx.shape[1]:  # the model chose <|endoftext|>
             return
-        yield next_id.item()
-        idx = torch.cat([idx, next_id], dim=1)
+        idx = longer
+        yield idx[0, -1].item()
 
 
 def _answer(model, tokenizer, instruction: str, args, out) -> None:
