@@ -11,7 +11,6 @@ __all__ = ["OLLAMA_URL", "OllamaNotRunning", "query_model", "is_ollama_running",
 
 
 import json
-import math
 import re
 import urllib.error
 import urllib.request
