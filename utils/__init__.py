@@ -19,6 +19,9 @@ cells; edit the notebook, never the module):
 | `utils.checkpoint` | notebooks/05_pretraining | save_checkpoint, load_checkpoint, checkpoint_info,     |
 |               |                             | chapter5_checkpoint, CheckpointError                      |
 | `utils.pretrained` | notebooks/05_pretraining | load_weights_into_gpt, load_pretrained_gpt2            |
+| `utils.fast`  | notebooks/08_going_faster   | SDPAttention, FastLayerNorm, FastGELU, set_impl, KVCache, |
+|               |                             | forward_with_cache, CachedDecoder, bf16_supported,        |
+|               |                             | fused_adamw, compile_model                                |
 | `utils.train_extras` | notebooks/appendix_D_training_extras | lr_at_step, find_highest_gradient,   |
 |               |                             | train_model                                               |
 | `utils.classify` | notebooks/06_classification | create_balanced_dataset, random_split, SpamDataset,    |
@@ -46,6 +49,8 @@ Hand-written modules (no notebook teaches them):
 | `utils.paths`    | repository root, checkpoint folder, quick mode                        |
 | `utils.pretrain` | pretraining command, single process or DDP under `torchrun`          |
 | `utils.chat`     | chat with an instruction-finetuned checkpoint (`python -m utils.chat`)|
+| `utils.benchmark` | `python -m utils.benchmark`: the fast paths timed against the teaching code |
+| `utils.standalone` | `python -m utils.standalone`: standalone notebook copies for Colab/Kaggle |
 
 Shape legend used in comments throughout: B batch, T tokens, C embedding dim,
 H heads, D head dim, V vocabulary size.

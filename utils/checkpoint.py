@@ -84,7 +84,7 @@ def load_checkpoint(path, model: GPTModel | None = None, optimizer=None,
         model = GPTModel(stored)
     diffs = [f"{f.name}: checkpoint {getattr(stored, f.name)!r}, model "
              f"{getattr(model.cfg, f.name)!r}" for f in dataclasses.fields(GPTConfig)
-             if f.name != "drop_rate"  # a training setting, not part of the architecture
+             if f.name not in ("drop_rate", "impl")  # training/speed settings, not weights
              and getattr(stored, f.name) != getattr(model.cfg, f.name)]
     if diffs:
         raise CheckpointError(f"{path} was saved from a different model configuration ("

@@ -133,7 +133,15 @@ def _check_target(rendered: Rendered) -> None:
 
 def export_notebook(nb_path: str | Path, verbose: bool = True,
                     utils_dir: Path = UTILS_DIR) -> list[Path]:
-    """Write the modules `nb_path` exports (only those whose text changed); say what they hold."""
+    """Write the modules `nb_path` exports (only those whose text changed); say what they hold.
+
+    Where the notebook file is not beside the kernel (a standalone copy run on Colab or
+    Kaggle), there is nothing to read: the modules came with the setup cell."""
+    if not Path(nb_path).is_file():
+        if verbose:
+            print(f"{nb_path} is not in {Path.cwd()}: nothing to export here (a standalone "
+                  f"copy carries its modules in utils/ already)")
+        return []
     rendered_all = render_modules(nb_path, utils_dir)
     for rendered in rendered_all:
         _check_target(rendered)

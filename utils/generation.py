@@ -11,19 +11,29 @@ __all__ = ["generate"]
 
 import torch
 
+from utils.train import _bf16_autocast
+
 
 def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int,
              temperature: float = 0.0, top_k: int | None = None,
-             eos_id: int | None = None) -> torch.Tensor:
+             eos_id: int | None = None, use_cache: bool = False,
+             bf16: bool | str = False) -> torch.Tensor:
     """Extend the (B, T) token IDs `idx`: greedy if temperature is 0, else sampling,
-    optionally restricted to the top_k tokens; stop at `eos_id` (not included)."""
+    optionally restricted to the top_k tokens; stop at `eos_id` (not included).
+    `use_cache` reuses keys and values, `bf16` runs under bfloat16 autocast (notebook 08)."""
     _check_generate_args(idx, temperature, top_k)
     idx = idx.to(next(model.parameters()).device)
+    if use_cache:
+        from utils.fast import CachedDecoder
+        decoder = CachedDecoder(model, context_size)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_size:]  # crop to the supported context
-        with torch.no_grad():
-            logits = model(idx_cond)[:, -1, :]  # (B, V) next-token scores
+        with torch.no_grad(), _bf16_autocast(idx.device, bf16):
+            if use_cache:  # only the new token's position is computed
+                logits = decoder(idx).float()  # (B, V)
+            else:
+                idx_cond = idx[:, -context_size:]  # crop to the supported context
+                logits = model(idx_cond)[:, -1, :].float()  # (B, V) next-token scores
         if top_k is not None:
             kth_best = torch.topk(logits, top_k).values[:, -1:]  # (B, 1)
             logits = logits.masked_fill(logits < kth_best, float("-inf"))

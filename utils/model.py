@@ -33,6 +33,7 @@ class GPTConfig:
     n_layers: int = 12  # transformer blocks
     drop_rate: float = 0.1  # dropout after embeddings, on attention weights, on shortcuts
     qkv_bias: bool = False  # bias in the query/key/value projections (GPT-2's weights have one)
+    impl: str = "teaching"  # "teaching": this chapter's code; "sdpa"/"fast": notebook 08's kernels
 
     def __post_init__(self):
         for name in ["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"]:
@@ -44,6 +45,14 @@ class GPTConfig:
                              f"({self.n_heads}); each head gets emb_dim / n_heads dimensions.")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.impl not in ("teaching", "sdpa", "fast"):
+            raise ValueError(f"GPTConfig.impl must be 'teaching', 'sdpa' or 'fast', "
+                             f"got {self.impl!r}")
+
+    def __repr__(self):  # `impl` is listed only when it is not the default
+        shown = [f.name for f in dataclasses.fields(self)
+                 if f.name != "impl" or self.impl != "teaching"]
+        return "GPTConfig(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in shown) + ")"
 
     def __getitem__(self, key: str):
         return getattr(self, key)  # lets book-style code write cfg["emb_dim"]
@@ -152,6 +161,9 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.impl != "teaching":  # same parameters, faster kernels (notebook 08)
+            from utils.fast import set_impl
+            set_impl(self, cfg.impl)
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
         _check_token_ids(in_idx, self.cfg.context_length)
@@ -181,17 +193,24 @@ def _check_token_ids(idx: torch.Tensor, context_length: int) -> None:
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int,
-                         context_size: int) -> torch.Tensor:
-    """Greedy decoding: append the most likely next token `max_new_tokens` times."""
+                         context_size: int, use_cache: bool = False) -> torch.Tensor:
+    """Greedy decoding: append the most likely next token `max_new_tokens` times.
+    `use_cache=True` reuses keys and values instead of recomputing them (notebook 08)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"idx must be a (batch, tokens) tensor with at least one token, "
                          f"got {shape}; encode a non-empty prompt and use .unsqueeze(0).")
+    if use_cache:
+        from utils.fast import CachedDecoder
+        decoder = CachedDecoder(model, context_size)
     for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_size:]  # crop to the supported context
-        with torch.no_grad():
-            logits = model(idx_cond)  # (B, T, V)
-        logits = logits[:, -1, :]  # (B, V): the next-token scores
+        if use_cache:
+            logits = decoder(idx)  # (B, V): the same scores, one new position computed
+        else:
+            idx_cond = idx[:, -context_size:]  # crop to the supported context
+            with torch.no_grad():
+                logits = model(idx_cond)  # (B, T, V)
+            logits = logits[:, -1, :]  # (B, V): the next-token scores
         idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
     return idx

@@ -10,6 +10,9 @@ Language Model (From Scratch)*. Shapes: B batch, T tokens, V vocabulary size.
 __all__ = ["text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader", "evaluate_model", "generate_and_print_sample", "train_model_simple", "plot_losses"]
 
 
+import contextlib
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -72,16 +75,20 @@ def generate_and_print_sample(model, tokenizer, device, start_context: str,
 
 def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs: int,
                        eval_freq: int, eval_iter: int, start_context: str, tokenizer,
-                       verbose: bool = True) -> tuple[list[float], list[float], list[int]]:
+                       verbose: bool = True, bf16: bool | str = False
+                       ) -> tuple[list[float], list[float], list[int]]:
     """Pretrain `model`; return training losses, validation losses and tokens seen at each
-    evaluation. Prints the losses every `eval_freq` steps and a sample after each epoch."""
+    evaluation. Prints the losses every `eval_freq` steps and a sample after each epoch.
+    `bf16=True` runs forward and loss under bfloat16 autocast ("auto": only where the
+    hardware has native bfloat16; see notebook 08)."""
     train_losses, val_losses, track_tokens_seen = [], [], []
     tokens_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         model.train()
         for input_batch, target_batch in train_loader:
             optimizer.zero_grad()  # reset the gradients of the previous step
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            with _bf16_autocast(device, bf16):
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
             optimizer.step()
             tokens_seen += input_batch.numel()
@@ -98,6 +105,34 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
         if verbose:
             generate_and_print_sample(model, tokenizer, device, start_context)
     return train_losses, val_losses, track_tokens_seen
+
+
+def _bf16_native(device) -> bool:
+    """True if `device` runs bfloat16 matrix products natively (not emulated)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # AVX512-BF16 or AMX; plain AVX2 CPUs emulate it, slowly
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return device.type == "mps"
+
+
+def _bf16_autocast(device, bf16: bool | str):
+    """The `bf16=` switch: bfloat16 autocast on `device`, or a no-op context."""
+    if bf16 == "auto":
+        bf16 = _bf16_native(device)
+    elif bf16 not in (True, False):
+        raise ValueError(f"bf16 must be True, False or 'auto', got {bf16!r}")
+    if not bf16:
+        return contextlib.nullcontext()
+    if not _bf16_native(device):
+        warnings.warn(f"{device} has no native bfloat16 support; autocast will emulate it, "
+                      f"which is usually slower than float32. Use bf16='auto' to skip it.",
+                      stacklevel=3)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path=None):

@@ -1,0 +1,109 @@
+"""Standalone notebooks (utils/standalone.py): up to date, their setup cell a no-op in a
+clone, and each runs in an empty folder with no repository, offline against the mirror."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from utils.download import ENV_MIRROR
+from utils.paths import REPO_ROOT
+from utils.standalone import (CHAPTER_NOTEBOOKS, SETUP_CELL, STANDALONE_DIR, build_standalone,
+                              modules_needed, stale_copies)
+
+# Run top to bottom in every test run (cheap); the others only with LLM_COURSE_STANDALONE_ALL=1
+# (they retrain in quick mode: ~25 minutes on 2 CPU cores, chapter 5's full run included).
+ALWAYS_RUN = ["02_text_data.ipynb", "03_attention.ipynb", "04_gpt_model.ipynb"]
+RUN_ALL = os.environ.get("LLM_COURSE_STANDALONE_ALL", "") == "1"
+
+# Hides this checkout from the kernel: drops the editable-install finder and the repository
+# from sys.path, so `import utils` fails there as it would on Colab.
+HIDE_REPO = textwrap.dedent(f"""
+    import sys
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)
+                        and "__editable__" not in getattr(type(f), "__module__", "")]
+    sys.path[:] = [p for p in sys.path if not p.startswith({str(REPO_ROOT)!r})]
+""")
+
+
+def test_standalone_copies_are_up_to_date():
+    assert stale_copies() == [], "run: python -m utils.standalone"
+
+
+def test_every_chapter_notebook_starts_with_the_setup_cell():
+    for name in CHAPTER_NOTEBOOKS:
+        nb = nbformat.read(REPO_ROOT / "notebooks" / name, as_version=4)
+        first = next(c for c in nb.cells if c.cell_type == "code")
+        assert first.source.startswith(SETUP_CELL), name
+
+
+def test_modules_needed_follow_imports():
+    needed = modules_needed(REPO_ROOT / "notebooks" / "05_pretraining.ipynb")
+    assert {"model", "attention", "text", "train", "generation", "checkpoint", "fast"} <= set(needed)
+    assert "lora" not in needed and "classify" not in needed
+    assert "lora" in modules_needed(REPO_ROOT / "notebooks" / "appendix_E_lora.ipynb")
+
+
+@pytest.mark.parametrize("variant", ["clone", "standalone"])
+def test_setup_cell_is_a_no_op_in_a_clone(tmp_path, variant):
+    nb_path = REPO_ROOT / "notebooks" / "04_gpt_model.ipynb"
+    if variant == "clone":
+        nb = nbformat.read(nb_path, as_version=4)
+    else:
+        nb = nbformat.reads(build_standalone(nb_path), as_version=4)
+    setup = next(c for c in nb.cells if c.cell_type == "code").source
+    code = setup + "\nimport utils\nprint(utils.__file__)\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "LLM_COURSE_DEVICE": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == str(REPO_ROOT / "utils" / "__init__.py")
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing installed
+
+
+def _run_standalone(name: str, folder: Path) -> nbformat.NotebookNode:
+    site = folder.parent / "hide_repo"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(HIDE_REPO)
+    nb = nbformat.read(STANDALONE_DIR / name, as_version=4)
+    env = {**os.environ, "PYTHONPATH": str(site), "LLM_COURSE_OFFLINE": "1",
+           "LLM_COURSE_DEVICE": "cpu", "LLM_COURSE_QUICK": "1"}
+    env.pop("LLM_COURSE_DATA", None)
+    env.pop("LLM_COURSE_CHECKPOINTS", None)
+    assert env.get(ENV_MIRROR), "set LLM_COURSE_MIRROR to the offline data mirror"
+    client = NotebookClient(nb, timeout=1800, kernel_name="python3",
+                            resources={"metadata": {"path": str(folder)}})
+    old_env = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old_env)
+    return nb
+
+
+@pytest.fixture(scope="module")
+def course_folder(tmp_path_factory):
+    """One empty folder shared by the standalone runs, as a Colab session's /content is."""
+    return tmp_path_factory.mktemp("colab") / "content"
+
+
+@pytest.mark.skipif(not os.environ.get(ENV_MIRROR), reason="needs the offline data mirror")
+@pytest.mark.parametrize("name", [n for n in CHAPTER_NOTEBOOKS if n in ALWAYS_RUN or RUN_ALL])
+def test_standalone_notebook_runs_in_an_empty_folder(name, course_folder):
+    course_folder.mkdir(exist_ok=True)
+    nb = _run_standalone(name, course_folder)
+    setup_output = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    if name == ALWAYS_RUN[0]:  # the first one in the folder writes the modules
+        assert "carried modules" in setup_output and " 0 written" not in setup_output
+    written = {p.name for p in (course_folder / "utils").glob("*.py")}
+    assert {f"{m}.py" for m in modules_needed(REPO_ROOT / "notebooks" / name)} <= written
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert errors == []
