@@ -186,15 +186,23 @@ def test_fused_adamw_gives_the_default_update():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_compile_model_falls_back_with_a_warning(monkeypatch):
+@pytest.mark.parametrize("whole", [False, True])
+def test_compile_model_falls_back_with_a_warning(monkeypatch, whole):
     def broken_compile(model, **kwargs):
-        def run(*args):
+        def run(*args, **kwargs):
             raise RuntimeError("no C++ compiler found")
         return run
     monkeypatch.setattr(torch, "compile", broken_compile)
-    model = _model()
+    model = _model().train()
     with pytest.warns(UserWarning, match="torch.compile failed"):
-        assert compile_model(model, torch.zeros(1, 4, dtype=torch.long)) is model
+        assert compile_model(model, torch.zeros(1, 4, dtype=torch.long), whole=whole) is model
+    assert all(block._compiled_call_impl is None for block in model.trf_blocks)
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, GPT_TINY.vocab_size)
+
+
+def test_compile_model_by_blocks_needs_blocks():
+    with pytest.raises(ValueError, match="whole=True"):
+        compile_model(torch.nn.Linear(2, 2), torch.zeros(1, 2))
 
 
 def test_flops_per_token_for_gpt2_small():

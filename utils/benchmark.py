@@ -71,7 +71,8 @@ def _train_paths(bf16: bool, compile_: bool) -> list[_TrainPath]:
              _TrainPath("sdpa attention", "sdpa"),
              _TrainPath("fused kernels", "fast"),
              _TrainPath("fast path (+ fused AdamW)", "fast", fused_optimizer=True)]
-    if bf16:
+    if bf16:  # autocast alone on the teaching model, then with the fast path
+        paths.append(_TrainPath("teaching + bf16 autocast", "teaching", bf16=True))
         paths.append(_TrainPath("fast path + bf16", "fast", True, bf16=True))
     if compile_:
         name = "fast path + bf16 + compile" if bf16 else "fast path + compile"
@@ -96,7 +97,8 @@ def _sync(device: torch.device) -> None:
 class _Trainer:
     """One model, its optimizers and (optionally) a compiled copy, stepping any path."""
 
-    def __init__(self, cfg, batch_size: int, context: int, device, compiled: bool):
+    def __init__(self, cfg, batch_size: int, context: int, device, compiled: bool,
+                 compiled_bf16: bool = False):
         torch.manual_seed(123)
         self.device = device
         self.model = GPTModel(cfg).to(device).train()
@@ -110,8 +112,9 @@ class _Trainer:
         if compiled:
             fast = set_impl(GPTModel(cfg), "fast").to(device).train()
             fast.load_state_dict(self.model.state_dict())
-            self.compiled = (compile_model(fast, self.x),
-                             fused_adamw(fast.parameters(), lr=4e-4, weight_decay=0.1))
+            with _bf16_autocast(device, compiled_bf16):  # build the graph that will run
+                fast = compile_model(fast, self.x)
+            self.compiled = (fast, fused_adamw(fast.parameters(), lr=4e-4, weight_decay=0.1))
 
     def step(self, path: _TrainPath) -> float:
         if path.compiled:
@@ -193,7 +196,8 @@ def _peak_worker(spec: str, args: dict) -> None:
     cfg, device = MODELS[args["model"]], torch.device("cpu")
     if kind == "train":
         path = _train_paths(args["bf16"], args["compile"])[int(index)]
-        trainer = _Trainer(cfg, args["batch_size"], args["context"], device, path.compiled)
+        trainer = _Trainer(cfg, args["batch_size"], args["context"], device, path.compiled,
+                           path.bf16)
         for _ in range(2):
             trainer.step(path)
     else:
@@ -216,6 +220,22 @@ def _peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def _cpu_name() -> str:
+    """The CPU model and its bfloat16 instructions, where Linux says (else the platform's name)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return platform.processor() or platform.machine()
+    name, flags = platform.machine(), set()
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            name = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    bf16 = sorted(f for f in flags if f in {"avx512_bf16", "amx_bf16"})
+    return f"{name} ({', '.join(bf16) if bf16 else 'no bf16 instructions'})"
+
+
 def _machine(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
@@ -224,7 +244,7 @@ def _machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = _cpu_name()
     return info
 
 
@@ -247,7 +267,7 @@ def run_benchmark(model: str = "gpt2-small", batch_size: int = 2, context: int =
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    trainer = _Trainer(cfg, batch_size, context, device, compile)
+    trainer = _Trainer(cfg, batch_size, context, device, compile, use_bf16)
     train_peaks = {}
 
     def train_one(path):
