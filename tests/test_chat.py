@@ -10,6 +10,7 @@ import torch
 
 from utils.chat import main, stream_response
 from utils.checkpoint import save_checkpoint
+from utils.generation import generate
 from utils.model import GPT_TINY, GPTModel
 
 
@@ -44,6 +45,27 @@ def test_stream_stops_at_end_of_text():
             return logits
 
     assert list(stream_response(SaysEnd(), [1, 2], max_new_tokens=10)) == [7, 7]
+
+
+def test_stream_through_the_cache_matches_plain_generation():
+    torch.manual_seed(0)
+    model = GPTModel(GPT_TINY).eval()
+    prompt = [5, 17, 301, 42]
+    streamed = list(stream_response(model, prompt, max_new_tokens=40))  # through the cache
+    plain = generate(model, torch.tensor([prompt]), 40, GPT_TINY.context_length, eos_id=50256)
+    assert len(streamed) == 40 and streamed == plain[0, len(prompt):].tolist()
+    torch.manual_seed(1)
+    sampled = list(stream_response(model, prompt, max_new_tokens=10, temperature=1.0, top_k=5))
+    torch.manual_seed(1)
+    plain = generate(model, torch.tensor([prompt]), 10, GPT_TINY.context_length,
+                     temperature=1.0, top_k=5, eos_id=50256)
+    assert sampled == plain[0, len(prompt):].tolist()
+
+
+def test_stream_goes_on_past_the_context_length():
+    torch.manual_seed(0)
+    model = GPTModel(GPT_TINY).eval()  # context 64
+    assert len(list(stream_response(model, list(range(60)), max_new_tokens=30))) == 30
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
