@@ -11,7 +11,7 @@ from utils.attention import MultiHeadAttention
 from utils.benchmark import _flops_per_token, format_results, run_benchmark
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.fast import (CachedDecoder, FastGELU, FastLayerNorm, KVCache, SDPAttention,
-                        compile_model, forward_with_cache, fused_adamw, set_impl)
+                        _uncompile, compile_model, forward_with_cache, fused_adamw, set_impl)
 from utils.generation import generate
 from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTConfig, GPTModel, generate_text_simple
 from utils.train import _bf16_autocast, _bf16_native, calc_loss_batch
@@ -198,6 +198,24 @@ def test_compile_model_falls_back_with_a_warning(monkeypatch, whole):
         assert compile_model(model, torch.zeros(1, 4, dtype=torch.long), whole=whole) is model
     assert all(block._compiled_call_impl is None for block in model.trf_blocks)
     assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, GPT_TINY.vocab_size)
+
+
+def test_compile_model_compiles_each_block_in_place(monkeypatch):
+    real_compile = torch.compile  # dynamo's eager backend: the same tracing, no C++ build
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
+    torch._dynamo.reset()
+    model = _model().train()
+    names = list(model.state_dict())
+    x = torch.randint(0, GPT_TINY.vocab_size, (2, 8))
+    assert compile_model(model, x) is model
+    assert all(block._compiled_call_impl is not None for block in model.trf_blocks)
+    assert list(model.state_dict()) == names  # checkpoints still load as they are
+    assert all(p.grad is None for p in model.parameters())  # the check's gradients are gone
+    model.eval()
+    with torch.no_grad():
+        compiled_logits = model(x)
+        _uncompile(model.trf_blocks)
+        torch.testing.assert_close(compiled_logits, model(x))  # against the plain blocks
 
 
 def test_compile_model_by_blocks_needs_blocks():
