@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
-from utils.chat import main, stream_response
-from utils.checkpoint import save_checkpoint
+from utils.cli.chat import main, stream_response
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.generation import generate
+from utils.instruct import RESPONSE_HEADER, format_input
+from utils.text import get_gpt2_tokenizer
 from utils.model import GPT_TINY, GPTModel
 
 
@@ -30,21 +32,30 @@ def test_scripted_conversation(tmp_path, mirror_dir, monkeypatch):
     assert "model reads at most 64 tokens" in text  # the long one is refused
     assert text.rstrip().endswith("Bye.")
     first_answer = text.split(">>> ")[1].split("\n")[0]
-    assert 0 < len(first_answer)  # something was streamed for the first instruction
+    model = load_checkpoint(ckpt).eval()  # what plain greedy generation answers
+    tokenizer = get_gpt2_tokenizer()
+    prompt = tokenizer.encode(format_input({"instruction": "Name a color.", "input": ""})
+                              + RESPONSE_HEADER)
+    expected = generate(model, torch.tensor([prompt]), 6, GPT_TINY.context_length, eos_id=50256)
+    assert first_answer == tokenizer.decode(expected[0, len(prompt):].tolist())
 
 
 def test_stream_stops_at_end_of_text():
-    class SaysEnd(torch.nn.Module):
+    class SaysEnd(torch.nn.Module):  # an output head that says 7, 7, then <|endoftext|>
         def __init__(self):
             super().__init__()
-            self.pos_emb = torch.nn.Embedding(16, 2)
+            self.calls = 0
 
-        def forward(self, idx):
-            logits = torch.zeros(idx.shape[0], idx.shape[1], 50257)
-            logits[:, -1, 50256 if idx.shape[1] >= 4 else 7] = 1.0
+        def forward(self, x):
+            self.calls += 1
+            logits = torch.zeros(*x.shape[:2], 50257)
+            logits[:, :, 50256 if self.calls > 2 else 7] = 1.0
             return logits
 
-    assert list(stream_response(SaysEnd(), [1, 2], max_new_tokens=10)) == [7, 7]
+    torch.manual_seed(0)
+    model = GPTModel(GPT_TINY).eval()
+    model.out_head = SaysEnd()
+    assert list(stream_response(model, [1, 2], max_new_tokens=10)) == [7, 7]
 
 
 def test_stream_through_the_cache_matches_plain_generation():
@@ -69,7 +80,7 @@ def test_stream_goes_on_past_the_context_length():
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "utils.chat", "--checkpoint",
+    result = subprocess.run([sys.executable, "-m", "utils.cli.chat", "--checkpoint",
                              str(tmp_path / "none.pt")], capture_output=True, text=True,
                             input="", timeout=120, cwd=Path(__file__).parent.parent,
                             env={**os.environ})

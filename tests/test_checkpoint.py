@@ -45,8 +45,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     good = path.read_bytes()
 
     def crash(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # e.g. the learner stops the kernel mid-save
 
     monkeypatch.setattr(torch, "save", crash)

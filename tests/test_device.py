@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from utils.device import describe_device, get_device
+from utils.core.device import describe_device, get_device
 
 
 def test_automatic_choice_prefers_cuda_then_mps_then_cpu(monkeypatch, capsys):
     monkeypatch.delenv("LLM_COURSE_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("utils.device._mps_available", lambda: False)
+    monkeypatch.setattr("utils.core.device._mps_available", lambda: False)
     assert get_device().type == "cpu"
     assert "using CPU" in capsys.readouterr().out
-    monkeypatch.setattr("utils.device._mps_available", lambda: True)
+    monkeypatch.setattr("utils.core.device._mps_available", lambda: True)
     assert get_device(verbose=False).type == "mps"
 
 

@@ -9,12 +9,22 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from utils.export import (GENERATED_MARKER, NOTEBOOKS_DIR, REPO_ROOT, UTILS_DIR, ExportError,
-                          export_notebook, render_modules, stale_modules)
+from utils.tools.export import (GENERATED_MARKER, NOTEBOOKS_DIR, REPO_ROOT, UTILS_DIR,
+                                ExportError, export_notebook, render_modules,
+                                render_package_docstring, stale_modules)
 
 
 def test_every_generated_module_matches_its_notebook():
-    assert stale_modules() == [], "run `python -m utils.export` and commit the result"
+    assert stale_modules() == [], "run `python -m utils.tools.export` and commit the result"
+
+
+def test_the_package_tables_are_generated_from_the_code():
+    assert (UTILS_DIR / "__init__.py").read_text() == render_package_docstring(), \
+        "run `python -m utils.tools.export` and commit the result"
+    text = render_package_docstring()
+    assert "- `utils.fast` (notebooks/08_going_faster.ipynb): " in text
+    assert "`utils.checkpoint` (notebooks/05_pretraining.ipynb, hand-written)" in text
+    assert "`utils.cli.chat`: Chat with your instruction-finetuned model" in text
 
 
 def test_every_generated_module_names_an_existing_notebook_that_exports_it():

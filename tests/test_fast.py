@@ -1,5 +1,5 @@
 """Equivalence tests for utils/fast.py (notebook 08): same weights, same results. Nothing here
-is timed; speed is measured by `python -m utils.benchmark`."""
+is timed; speed is measured by `python -m utils.cli.benchmark`."""
 
 import dataclasses
 import warnings
@@ -8,20 +8,21 @@ import pytest
 import torch
 
 from utils.attention import MultiHeadAttention
-from utils.benchmark import _flops_per_token, format_results, run_benchmark
+from utils.cli.benchmark import _flops_per_token, format_results, run_benchmark
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.fast import (CachedDecoder, FastGELU, FastLayerNorm, KVCache, SDPAttention,
-                        _uncompile, compile_model, forward_with_cache, fused_adamw, set_impl)
+from utils.fast import (CachedGPT, FastGELU, FastLayerNorm, KVCache, SDPAttention,
+                        autocast_bf16, bf16_supported, compile_model, forward_with_cache,
+                        fused_adamw, set_impl)
 from utils.generation import generate
-from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTConfig, GPTModel, generate_text_simple
-from utils.train import _bf16_autocast, _bf16_native, calc_loss_batch
+from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTModel, generate_text_simple
+from utils.train import calc_loss_batch, train_model_simple
 
 SMALL_VOCAB = dataclasses.replace(GPT_TINY, vocab_size=256)
 
 
 def _model(cfg=GPT_TINY, impl="teaching", seed=0):
     torch.manual_seed(seed)
-    return GPTModel(dataclasses.replace(cfg, impl=impl)).eval()
+    return set_impl(GPTModel(cfg), impl).eval()
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
@@ -53,22 +54,15 @@ def test_fast_model_matches_teaching_model(impl):
 def test_set_impl_switches_classes_and_keeps_parameters():
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    set_impl(model, "fast")
-    assert model.cfg.impl == "fast"
+    assert set_impl(model, "fast") is model
     assert type(model.trf_blocks[1].ff.layers[1]) is FastGELU
+    assert type(model.final_norm) is FastLayerNorm
     set_impl(model, "teaching")
     assert type(model.trf_blocks[1].att) is MultiHeadAttention
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(ValueError, match="impl must be one of"):
         set_impl(model, "turbo")
-
-
-def test_config_impl_is_validated_and_shown_only_when_set():
-    with pytest.raises(ValueError, match="impl must be"):
-        GPTConfig(impl="flash")
-    assert "impl" not in repr(GPT_TINY)
-    assert "impl='fast'" in repr(dataclasses.replace(GPT_TINY, impl="fast"))
 
 
 def test_checkpoint_loads_into_either_impl(tmp_path):
@@ -78,7 +72,8 @@ def test_checkpoint_loads_into_either_impl(tmp_path):
     idx = torch.randint(0, GPT_TINY.vocab_size, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(teaching(idx), fast(idx), atol=1e-5, rtol=0)
-    assert load_checkpoint(tmp_path / "fast.pt").cfg.impl == "fast"  # rebuilt as saved
+    again = load_checkpoint(tmp_path / "fast.pt", model=_model(impl="fast", seed=6))
+    assert type(again.trf_blocks[0].att) is SDPAttention
 
 
 @pytest.mark.parametrize("impl", ["teaching", "fast"])
@@ -86,37 +81,62 @@ def test_cached_greedy_generation_is_identical(impl):
     model = _model(impl=impl)
     prompt = torch.randint(0, GPT_TINY.vocab_size, (3, 5))  # a batch of three prompts
     plain = generate_text_simple(model, prompt, 40, context_size=64)
-    cached = generate_text_simple(model, prompt, 40, context_size=64, use_cache=True)
+    cached = generate_text_simple(CachedGPT(model), prompt, 40, context_size=64)
     assert torch.equal(plain, cached)
     assert torch.equal(generate(model, prompt, 40, 64, eos_id=7),
-                       generate(model, prompt, 40, 64, eos_id=7, use_cache=True))
+                       generate(CachedGPT(model), prompt, 40, 64, eos_id=7))
+
+
+def test_cached_sampling_is_identical():
+    model = _model()
+    prompt = torch.randint(0, GPT_TINY.vocab_size, (2, 5))
+    runs = []
+    for runner in (model, CachedGPT(model)):
+        torch.manual_seed(7)
+        runs.append(generate(runner, prompt, 30, 64, temperature=1.0, top_k=10))
+    assert torch.equal(*runs)
 
 
 def test_cached_logits_match_full_forward_at_every_step():
     model = _model()
     idx = torch.randint(0, GPT_TINY.vocab_size, (2, 6))
-    decoder = CachedDecoder(model, context_size=64)
+    cached_model = CachedGPT(model)
     with torch.no_grad():
+        first = cached_model(idx)
+        assert first.shape == (2, 6, GPT_TINY.vocab_size)  # the prompt: every position
+        torch.testing.assert_close(first, model(idx), atol=1e-5, rtol=0)
         for _ in range(20):
-            cached = decoder(idx)
-            full = model(idx)[:, -1, :]
-            torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
-            idx = torch.cat([idx, cached.argmax(-1, keepdim=True)], dim=1)
+            idx = torch.cat([idx, first[:, -1].argmax(-1, keepdim=True)], dim=1)
+            first = cached_model(idx)
+            assert first.shape == (2, 1, GPT_TINY.vocab_size)  # then one new position
+            torch.testing.assert_close(first[:, -1], model(idx)[:, -1], atol=1e-5, rtol=0)
 
 
-def test_cache_beyond_context_restarts_from_the_last_half_window():
+def test_cache_is_not_reused_for_a_different_prompt():
+    # The old CachedDecoder fed only idx[:, seen:] to the model, so a second, different
+    # prompt of the same length was answered from the first prompt's cache.
+    model = _model()
+    cached_model = CachedGPT(model)
+    a = torch.randint(0, GPT_TINY.vocab_size, (1, 8))
+    b = torch.randint(0, GPT_TINY.vocab_size, (1, 8))
+    with torch.no_grad():
+        cached_model(a)
+        torch.testing.assert_close(cached_model(b), model(b), atol=1e-5, rtol=0)
+        longer_b = torch.cat([b, a[:, :3]], dim=1)  # a longer sequence that does not extend a
+        torch.testing.assert_close(cached_model(longer_b)[:, -1], model(longer_b)[:, -1],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached_model(b[:1, :4]), model(b[:1, :4]), atol=1e-5, rtol=0)
+
+
+def test_past_the_context_the_cache_gives_the_same_tokens():
+    # The old decoder restarted from the last half window; the cropped window the loops
+    # pass in never extends the cache, so CachedGPT recomputes it like the plain model.
     model = _model()
     prompt = torch.randint(0, GPT_TINY.vocab_size, (2, 10))
     plain = generate_text_simple(model, prompt, 100, context_size=64)
-    cached = generate_text_simple(model, prompt, 100, context_size=64, use_cache=True)
+    cached = generate_text_simple(CachedGPT(model), prompt, 100, context_size=64)
     assert cached.shape == plain.shape == (2, 110)
-    assert torch.equal(plain[:, :64], cached[:, :64])  # identical while everything fits
-    decoder = CachedDecoder(model, context_size=64)  # the documented rule after the limit
-    decoder(cached[:, :64])
-    with torch.no_grad():
-        after_refill = decoder(cached[:, :65])
-        torch.testing.assert_close(after_refill, model(cached[:, 65 - 32:65])[:, -1], atol=1e-5,
-                                   rtol=0)
+    assert torch.equal(plain, cached)
 
 
 def test_forward_with_cache_refuses_to_overflow():
@@ -131,7 +151,7 @@ def test_forward_with_cache_refuses_to_overflow():
 
 def _short_run(bf16, steps=30):
     torch.manual_seed(123)
-    model = GPTModel(SMALL_VOCAB)
+    model = autocast_bf16(GPTModel(SMALL_VOCAB), enabled=bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = torch.randint(0, 256, (4, 33))
     losses = []
@@ -139,8 +159,7 @@ def _short_run(bf16, steps=30):
         optimizer.zero_grad()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "emulated" warning on CPUs without bf16
-            with _bf16_autocast("cpu", bf16):
-                loss = calc_loss_batch(data[:, :-1], data[:, 1:], model, "cpu")
+            loss = calc_loss_batch(data[:, :-1], data[:, 1:], model, "cpu")
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -154,20 +173,35 @@ def test_bf16_training_reduces_loss_like_float32():
     assert bf16[-1] == pytest.approx(fp32[-1], rel=0.15)
 
 
-def test_bf16_switch_validates_and_warns_where_emulated():
-    with pytest.raises(ValueError, match="bf16 must be"):
-        _bf16_autocast("cpu", "yes")
-    if not _bf16_native("cpu"):
-        with pytest.warns(UserWarning, match="no native bfloat16"):
-            _bf16_autocast("cpu", True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "auto" never warns: it skips emulated bf16
-        _bf16_autocast("cpu", "auto")
+def test_autocast_bf16_runs_matrix_products_in_bf16_and_returns_float32():
     model = _model(SMALL_VOCAB)
+    seen = []
+    model.out_head.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    idx = torch.zeros(2, 3, dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = generate(model, torch.zeros(2, 3, dtype=torch.long), 5, 64, bf16=True,
-                       use_cache=True)
+        assert autocast_bf16(model)(idx).dtype == torch.float32
+    assert seen == [torch.bfloat16]
+    autocast_bf16(model, enabled=False)
+    assert model(idx).dtype == torch.float32 and seen[-1] == torch.float32
+    assert "forward" not in model.__dict__
+    if not bf16_supported("cpu"):
+        with pytest.warns(UserWarning, match="no native bfloat16"):
+            autocast_bf16(model)(idx)
+
+
+def test_autocast_bf16_works_with_chapter_5_training_and_the_cache():
+    torch.manual_seed(0)
+    model = autocast_bf16(GPTModel(SMALL_VOCAB))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    windows = torch.randint(0, 256, (8, 17))
+    loader = [(windows[i:i + 2, :-1], windows[i:i + 2, 1:]) for i in range(0, 8, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_losses, _, _ = train_model_simple(model, loader, loader, optimizer, "cpu", 2, 2, 2,
+                                                "", None, verbose=False)
+        out = generate(CachedGPT(model), torch.zeros(2, 3, dtype=torch.long), 5, 64)
+    assert train_losses[-1] < train_losses[0]
     assert out.shape == (2, 8)
 
 
@@ -211,11 +245,10 @@ def test_compile_model_compiles_each_block_in_place(monkeypatch):
     assert all(block._compiled_call_impl is not None for block in model.trf_blocks)
     assert list(model.state_dict()) == names  # checkpoints still load as they are
     assert all(p.grad is None for p in model.parameters())  # the check's gradients are gone
-    model.eval()
-    with torch.no_grad():
-        compiled_logits = model(x)
-        _uncompile(model.trf_blocks)
-        torch.testing.assert_close(compiled_logits, model(x))  # against the plain blocks
+    plain = _model(seed=1)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():  # against the same weights in plain blocks
+        torch.testing.assert_close(model.eval()(x), plain(x))
 
 
 def test_compile_model_by_blocks_needs_blocks():

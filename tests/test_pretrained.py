@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from utils.checkpoint import save_checkpoint
-from utils.download import AssetUnavailableError
+from utils.core.download import AssetUnavailableError
 from utils.generation import generate
 from utils.model import GPTConfig, GPTModel
 from utils.pretrained import load_pretrained_gpt2, load_weights_into_gpt
@@ -112,6 +112,6 @@ def test_no_weights_online_is_an_error_not_a_substitution(monkeypatch, tmp_path,
     monkeypatch.setenv("LLM_COURSE_CHECKPOINTS", str(tmp_path / "ckpt"))
     monkeypatch.delenv("LLM_COURSE_OFFLINE", raising=False)
     save_checkpoint(tmp_path / "ckpt" / "05_pretrained_the_verdict.pt", GPTModel(OURS))
-    monkeypatch.setattr("utils.download.time.sleep", lambda s: None)  # skip retry back-off
+    monkeypatch.setattr("utils.core.download.time.sleep", lambda s: None)  # skip retry back-off
     with pytest.raises(AssetUnavailableError, match="huggingface.co/openai-community/gpt2/"):
         load_pretrained_gpt2("gpt2-small (124M)", progress=False)

@@ -1,4 +1,4 @@
-"""Standalone notebooks (utils/standalone.py): up to date, their setup cell a no-op in a
+"""Standalone notebooks (utils/tools/standalone.py): up to date, their setup cell a no-op in a
 clone, and each runs in an empty folder with no repository, offline against the mirror."""
 
 import os
@@ -11,9 +11,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from utils.download import ENV_MIRROR
-from utils.paths import REPO_ROOT
-from utils.standalone import (CHAPTER_NOTEBOOKS, SETUP_CELL, STANDALONE_DIR, build_standalone,
+from utils.core.download import ENV_MIRROR
+from utils.core.paths import REPO_ROOT
+from utils.tools.standalone import (CHAPTER_NOTEBOOKS, SETUP_CELL, STANDALONE_DIR, build_standalone,
                               modules_needed, stale_copies)
 
 # Run top to bottom in every test run (under a minute together); the others only with
@@ -34,7 +34,7 @@ HIDE_REPO = textwrap.dedent(f"""
 
 
 def test_standalone_copies_are_up_to_date():
-    assert stale_copies() == [], "run: python -m utils.standalone"
+    assert stale_copies() == [], "run: python -m utils.tools.standalone"
 
 
 def test_every_chapter_notebook_starts_with_the_setup_cell():
@@ -46,18 +46,14 @@ def test_every_chapter_notebook_starts_with_the_setup_cell():
 
 def test_modules_needed_follow_imports():
     needed = modules_needed(REPO_ROOT / "notebooks" / "05_pretraining.ipynb")
-    assert {"model", "attention", "text", "train", "generation", "checkpoint", "fast"} <= set(needed)
-    assert "lora" not in needed and "classify" not in needed
+    assert {"model", "attention", "text", "train", "generation", "checkpoint",
+            "core/download", "core/paths", "tools/export"} <= set(needed)
+    assert "fast" not in needed and "lora" not in needed and "classify" not in needed
     assert "lora" in modules_needed(REPO_ROOT / "notebooks" / "appendix_E_lora.ipynb")
 
 
-@pytest.mark.parametrize("variant", ["clone", "standalone"])
-def test_setup_cell_is_a_no_op_in_a_clone(tmp_path, variant):
-    nb_path = REPO_ROOT / "notebooks" / "04_gpt_model.ipynb"
-    if variant == "clone":
-        nb = nbformat.read(nb_path, as_version=4)
-    else:
-        nb = nbformat.reads(build_standalone(nb_path), as_version=4)
+def test_setup_cell_is_a_no_op_in_a_clone(tmp_path):
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "04_gpt_model.ipynb", as_version=4)
     setup = next(c for c in nb.cells if c.cell_type == "code").source
     code = setup + "\nimport utils\nprint(utils.__file__)\n"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
@@ -65,6 +61,19 @@ def test_setup_cell_is_a_no_op_in_a_clone(tmp_path, variant):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == str(REPO_ROOT / "utils" / "__init__.py")
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing installed
+
+
+def test_a_standalone_copy_carries_readable_modules():
+    nb = nbformat.reads(build_standalone(REPO_ROOT / "notebooks" / "04_gpt_model.ipynb"),
+                        as_version=4)
+    written = {c.source.split("\n", 1)[0].removeprefix("%%writefile ")
+               for c in nb.cells if c.cell_type == "code" and c.source.startswith("%%writefile")}
+    assert written == {f"utils/{m}.py" for m in
+                       modules_needed(REPO_ROOT / "notebooks" / "04_gpt_model.ipynb")}
+    model_cell = next(c.source for c in nb.cells if c.source.startswith("%%writefile utils/model.py"))
+    assert model_cell.split("\n", 1)[1] == (REPO_ROOT / "utils" / "model.py").read_text().rstrip()
+    setup = next(i for i, c in enumerate(nb.cells) if c.source.startswith(SETUP_CELL))
+    assert all(not c.source.startswith("%%writefile") for c in nb.cells[setup:])  # before it
 
 
 def _run_standalone(name: str, folder: Path) -> nbformat.NotebookNode:
@@ -101,11 +110,9 @@ def course_folder(tmp_path_factory):
 def test_standalone_notebook_runs_in_an_empty_folder(name, course_folder):
     course_folder.mkdir(exist_ok=True)
     nb = _run_standalone(name, course_folder)
-    setup_output = "".join(o.get("text", "") for o in nb.cells[1].outputs)
-    if name == ALWAYS_RUN[0]:  # the first one in the folder writes the modules
-        assert "carried modules" in setup_output and " 0 written" not in setup_output
-    written = {p.name for p in (course_folder / "utils").glob("*.py")}
-    assert {f"{m}.py" for m in modules_needed(REPO_ROOT / "notebooks" / name)} <= written
+    written = {p.relative_to(course_folder / "utils").with_suffix("").as_posix()
+               for p in (course_folder / "utils").rglob("*.py")}
+    assert set(modules_needed(REPO_ROOT / "notebooks" / name)) <= written
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert errors == []

@@ -1,11 +1,11 @@
-"""Chat with your instruction-finetuned model in a terminal (hand-written entry point).
+"""Chat with your instruction-finetuned model in a terminal (hand-written command).
 
 Loads a checkpoint written by notebooks/07_instruction_finetuning.ipynb (or any course
 checkpoint), wraps each line you type in chapter 7's Alpaca prompt format, and prints the
 response token by token as it is generated, stopping at <|endoftext|>:
 
-    python -m utils.chat                                   # checkpoints/07_instruction_model.pt
-    python -m utils.chat --checkpoint my_model.pt --temperature 0.7 --top-k 40
+    python -m utils.cli.chat                                   # checkpoints/07_instruction_model.pt
+    python -m utils.cli.chat --checkpoint my_model.pt --temperature 0.7 --top-k 40
 
 Type an instruction and press Enter; an empty line is ignored; `quit` or end of input
 (Ctrl-D) exits.
@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.fast import CachedDecoder
+from utils.fast import CachedGPT
 from utils.generation import generate
 from utils.instruct import RESPONSE_HEADER, format_input
-from utils.model import GPTModel
-from utils.paths import checkpoint_dir
+from utils.core.paths import checkpoint_dir
 from utils.text import get_gpt2_tokenizer
 
 __all__ = ["stream_response", "main"]
@@ -32,33 +31,17 @@ __all__ = ["stream_response", "main"]
 EOS_ID = 50256  # <|endoftext|>
 
 
-class _Incremental(torch.nn.Module):
-    """A GPTModel seen through a key-value cache (notebook 08): called with the whole
-    sequence so far, it computes only the positions it has not seen yet."""
-
-    def __init__(self, model: GPTModel):
-        super().__init__()
-        self.model = model
-        self.decoder = CachedDecoder(model, model.pos_emb.num_embeddings)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.decoder(idx)[:, None, :]  # (B, 1, V): generate reads the last position
-
-
 def stream_response(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None):
     """Yield new token IDs one at a time until <|endoftext|> or `max_new_tokens`.
-
-    A GPTModel streams through a key-value cache, so each token costs one position rather
-    than the whole conversation; past the context length the cache restarts from the last
-    half of it (notebook 08). Other models are re-run on the last `context` tokens."""
+    The model runs behind notebook 08's key-value cache, so each token costs one position
+    rather than the whole conversation; past the context length each token costs a full
+    window, exactly as chapter 5's `generate` computes it."""
     context = model.pos_emb.weight.shape[0]
+    cached = CachedGPT(model)
     idx = torch.tensor([prompt_ids], device=next(model.parameters()).device)
-    if isinstance(model, GPTModel):
-        # no cropping by generate: the cache keeps its own window
-        model, context = _Incremental(model), len(prompt_ids) + max_new_tokens
     for _ in range(max_new_tokens):
-        longer = generate(model, idx, 1, context, temperature=temperature, top_k=top_k,
+        longer = generate(cached, idx, 1, context, temperature=temperature, top_k=top_k,
                           eos_id=EOS_ID)
         if longer.shape[1] == idx.shape[1]:  # the model chose <|endoftext|>
             return

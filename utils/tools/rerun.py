@@ -6,8 +6,8 @@ outputs must be exactly what the test run produces. This command runs notebooks 
 CPU unless `$LLM_COURSE_DEVICE` says otherwise, quick mode unless `$LLM_COURSE_QUICK=0`)
 and writes the fresh outputs back:
 
-    python -m utils.rerun notebooks/02_text_data.ipynb [more.ipynb ...]
-    python -m utils.rerun --mirror ../shared/data notebooks/*.ipynb   # offline, as CI runs
+    python -m utils.tools.rerun notebooks/02_text_data.ipynb [more.ipynb ...]
+    python -m utils.tools.rerun --mirror ../shared/data notebooks/*.ipynb   # offline, as CI runs
 
 `--mirror DIR` sets `$LLM_COURSE_MIRROR=DIR` and `$LLM_COURSE_OFFLINE=1` for the kernel.
 """
@@ -25,9 +25,9 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbval.kernel import CURRENT_ENV_KERNEL_NAME, NbvalKernelspecManager
 
-from utils.device import ENV_DEVICE
-from utils.download import ENV_MIRROR, ENV_OFFLINE
-from utils.paths import ENV_QUICK
+from utils.core.device import ENV_DEVICE
+from utils.core.download import ENV_MIRROR, ENV_OFFLINE
+from utils.core.paths import ENV_QUICK
 
 __all__ = ["rerun_notebook"]
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "checkpoint_dir", "quick_mode", "ENV_CHECKPOINTS", "ENV_QUICK"]
+__all__ = ["REPO_ROOT", "checkpoint_dir", "quick_mode", "shown_path", "ENV_CHECKPOINTS",
+           "ENV_QUICK"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # utils/core/paths.py -> the repository
 ENV_CHECKPOINTS = "LLM_COURSE_CHECKPOINTS"  # overrides where checkpoints are written
 ENV_QUICK = "LLM_COURSE_QUICK"  # "1": training-heavy cells run at reduced size (tests set it)
 
@@ -26,3 +27,13 @@ def checkpoint_dir() -> Path:
 def quick_mode() -> bool:
     """True when `$LLM_COURSE_QUICK` is 1/true/yes/on: notebooks shrink their long runs."""
     return os.environ.get(ENV_QUICK, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def shown_path(path) -> str:
+    """`path` as a learner should read it: relative to the course folder when inside it
+    (`checkpoints/model.pt`), else only its name, never the layout of someone's disk."""
+    path = Path(path).resolve()
+    for root in (REPO_ROOT, Path.cwd().resolve()):
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return path.name

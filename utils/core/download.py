@@ -1,24 +1,31 @@
 """Fetching the course's data files, online or offline (hand-written; no notebook builds it).
 
-`fetch(name)` returns the local path of an asset from `utils.assets`, looking in order at:
+`fetch(name)` returns the local path of an asset from `utils.core.assets`, looking in order at:
 
 1. the cache, `data/` at the top of the repository (or the folder in `$LLM_COURSE_DATA`);
 2. an offline mirror folder, if `$LLM_COURSE_MIRROR` names one (same file layout as `data/`);
 3. the network: the canonical URL, then the backup URL, each with a timeout and retries.
 
-Every copy is checked against the registry's size and sha256 before it is used. Downloads go
-to `NAME.part` and are renamed only when complete and verified, so an interrupted download
-never leaves a file that looks finished (the next call resumes the `.part` file where the
-server allows it). With `$LLM_COURSE_OFFLINE=1` the network is never touched.
+Every copy is checked against the registry's size and sha256 before it is used; a file that
+passed is stamped (size and modification time, in a hidden `.NAME.verified` file beside it),
+so later cache hits skip re-hashing it until the file changes (`verify=True` forces a full
+check). Downloads go to `NAME.part` and are renamed only when complete and verified, so an
+interrupted download never leaves a file that looks finished; the next call continues the
+`.part` file where the server allows it. Processes that fetch the same file at once (two
+notebooks, DDP ranks) take turns through a lock file: one downloads, the others then find
+the verified copy. With `$LLM_COURSE_OFFLINE=1` the network is never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import time
+import uuid
 import urllib.error
 import urllib.request
 import warnings
@@ -27,8 +34,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.assets import Asset, get_asset
-from utils.paths import REPO_ROOT
+from utils.core.assets import Asset, get_asset
+from utils.core.paths import REPO_ROOT, shown_path
 
 __all__ = [
     "fetch", "verify_file", "default_data_dir", "offline_mode",
@@ -86,6 +93,71 @@ def verify_file(path: Path, asset: Asset) -> str | None:
     return None
 
 
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified")
+
+
+def _file_id(path: Path, asset: Asset) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": asset.sha256}
+
+
+def _verify_cached(path: Path, asset: Asset, full: bool) -> str | None:
+    """`verify_file`, skipped when the stamp says this very file passed before."""
+    stamp = _stamp_path(path)
+    if not full:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(stamp.read_text()) == _file_id(path, asset):
+                return None
+    fault = verify_file(path, asset)
+    if fault is None:
+        with contextlib.suppress(OSError):  # a read-only cache just means re-hashing next time
+            tmp = stamp.with_name(f"{stamp.name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps(_file_id(path, asset)))
+            os.replace(tmp, stamp)
+    return fault
+
+
+@contextlib.contextmanager
+def _exclusive(dest: Path):
+    """Hold a lock file beside `dest` while one process fetches it; others wait their turn.
+    Where the filesystem cannot lock, go ahead without (temporary names are unique anyway)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(dest.with_name(f".{dest.name}.lock"), "a+b")
+    locked = False
+    try:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                while True:
+                    try:
+                        msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)
+                        break
+                    except OSError:  # LK_LOCK gives up after 10 s: keep waiting
+                        continue
+            else:
+                import fcntl
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            locked = True
+        except OSError:
+            pass
+        yield
+    finally:
+        if locked and os.name != "nt":
+            import fcntl
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        elif locked:
+            import msvcrt
+            with contextlib.suppress(OSError):
+                lock.seek(0)
+                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+        lock.close()
+
+
+def _unique_tmp(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _mirror_dir(mirror: str | os.PathLike | None) -> Path | None:
     source = "the mirror argument" if mirror is not None else f"${ENV_MIRROR}"
     value = mirror if mirror is not None else os.environ.get(ENV_MIRROR, "")
@@ -108,21 +180,30 @@ def _say(progress: bool, message: str) -> None:
 
 def fetch(name: str, *, data_dir: str | os.PathLike | None = None,
           mirror: str | os.PathLike | None = None, offline: bool | None = None,
-          progress: bool = True, timeout: float = 30.0, retries: int = 3) -> Path:
-    """Return the local path of asset `name`: cache, then offline mirror, then network."""
+          progress: bool = True, timeout: float = 30.0, retries: int = 3,
+          verify: bool = False) -> Path:
+    """Return the local path of asset `name`: cache, then offline mirror, then network.
+    `verify=True` re-hashes a cached copy even if it passed before."""
     asset = get_asset(name)
     dest = Path(data_dir or default_data_dir()) / asset.filename
-    offline = offline_mode() if offline is None else offline
-    looked: list[str] = []
+    if dest.exists() and _verify_cached(dest, asset, full=verify) is None:
+        return dest  # the common case: no lock, no hashing
+    with _exclusive(dest):  # one process at a time fetches this file
+        return _fetch_locked(asset, dest, mirror, offline_mode() if offline is None else offline,
+                             progress, timeout, retries)
 
-    if dest.exists():
-        fault = verify_file(dest, asset)
+
+def _fetch_locked(asset: Asset, dest: Path, mirror, offline: bool, progress: bool,
+                  timeout: float, retries: int) -> Path:
+    looked: list[str] = []
+    if dest.exists():  # another process may have fetched it while this one waited
+        fault = _verify_cached(dest, asset, full=True)
         if fault is None:
             return dest
         aside = dest.with_name(dest.name + ".corrupt")
         os.replace(dest, aside)  # keep it for inspection rather than deleting anything
-        warnings.warn(f"The cached {dest} was damaged ({fault}); it was moved to {aside} "
-                      f"and a fresh copy is being fetched.", stacklevel=2)
+        warnings.warn(f"The cached {shown_path(dest)} was damaged ({fault}); it was moved to "
+                      f"{aside.name} and a fresh copy is being fetched.", stacklevel=3)
         looked.append(f"cache {dest}: damaged ({fault}), moved to {aside.name}")
     else:
         looked.append(f"cache {dest}: not there")
@@ -135,7 +216,8 @@ def fetch(name: str, *, data_dir: str | os.PathLike | None = None,
         fault = verify_file(source, asset) if source.is_file() else "not there"
         if fault is None:
             _copy_atomically(source, dest)
-            _say(progress, f"Copied {asset.filename} from the offline mirror {mirror_dir}")
+            _verify_cached(dest, asset, full=True)  # stamps the copy
+            _say(progress, f"Copied {asset.filename} from the offline mirror (${ENV_MIRROR})")
             return dest
         looked.append(f"offline mirror {source}: {fault}")
 
@@ -145,6 +227,7 @@ def fetch(name: str, *, data_dir: str | os.PathLike | None = None,
         for url in asset.urls:
             try:
                 _download(asset, url, dest, progress=progress, timeout=timeout, retries=retries)
+                _verify_cached(dest, asset, full=True)
                 _say(progress, f"Downloaded {asset.filename} from {url}")
                 return dest
             except _DownloadError as exc:
@@ -172,20 +255,25 @@ def _explain(asset: Asset, dest: Path, looked: list[str], offline: bool) -> str:
 
 def _copy_atomically(source: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    tmp = _unique_tmp(dest)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)  # whole or not at all; a concurrent winner wrote the same bytes
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _download(asset: Asset, url: str, dest: Path, *, progress: bool,
               timeout: float, retries: int) -> None:
-    """Download `url` into `dest` via a `.part` file; raise _DownloadError on failure."""
+    """Download `url` into `dest` via a `.part` file (continuing one left by an earlier,
+    interrupted attempt); raise _DownloadError on failure. The caller holds the lock."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + (".zip.part" if asset.archive_member else ".part"))
-    resumed = _download_with_retries(url, part, asset, progress, timeout, retries)
+    continued = _download_with_retries(url, part, asset, progress, timeout, retries)
     try:
         fault = _finish(asset, part, dest)
-        if fault and resumed:  # the kept partial file may have been stale: start over once
+        if fault and continued:  # the earlier partial file may have been stale
+            part.unlink(missing_ok=True)  # so download the whole file again, once
             _download_with_retries(url, part, asset, progress, timeout, retries)
             fault = _finish(asset, part, dest)
     finally:
@@ -196,7 +284,8 @@ def _download(asset: Asset, url: str, dest: Path, *, progress: bool,
 
 def _download_with_retries(url: str, part: Path, asset: Asset, progress: bool,
                            timeout: float, retries: int) -> bool:
-    """Stream `url` into `part`, resuming after dropped connections. Returns True if resumed."""
+    """Stream `url` into `part`, continuing after dropped connections. Returns True if an
+    existing partial file was continued rather than downloaded from the start."""
     resumed = part.exists() and part.stat().st_size > 0
     last_error = ""
     for attempt in range(1, retries + 1):
@@ -248,7 +337,7 @@ def _finish(asset: Asset, part: Path, dest: Path) -> str | None:
         if fault is None:
             os.replace(part, dest)
         return fault
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = _unique_tmp(dest)
     try:
         with zipfile.ZipFile(part) as archive:
             members = [m for m in archive.namelist() if Path(m).name == asset.archive_member]
@@ -256,11 +345,11 @@ def _finish(asset: Asset, part: Path, dest: Path) -> str | None:
                 return f"the zip holds no {asset.archive_member!r} (it has {archive.namelist()})"
             with archive.open(members[0]) as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out)
+        fault = verify_file(tmp, asset)
+        if fault is None:
+            os.replace(tmp, dest)
+        return fault
     except zipfile.BadZipFile:
         return "the download is not a valid zip file"
-    fault = verify_file(tmp, asset)
-    if fault is None:
-        os.replace(tmp, dest)
-    else:
+    finally:
         tmp.unlink(missing_ok=True)
-    return fault

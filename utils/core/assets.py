@@ -1,7 +1,7 @@
 """The registry of every file the course downloads (hand-written; no notebook builds it).
 
 Each asset is declared once here, with its canonical URL, a backup URL where one exists,
-its size in bytes and its sha256. `utils.download.fetch(name)` is the one way to get it.
+its size in bytes and its sha256. `utils.core.download.fetch(name)` is the one way to get it.
 `data/README.md` lists the same table for people; `tests/test_download.py` checks the two agree.
 
 Sizes and checksums come from the published files (the Hugging Face Hub's LFS metadata for

@@ -1,10 +1,10 @@
 """Speed of the fast paths against the teaching implementation, measured side by side
-(hand-written maintainer and learner tool; notebook 08 explains the paths).
+(hand-written command; notebook 08 explains the paths).
 
-    python -m utils.benchmark                     # GPT-2 124M, batch 2, context 256 (~10 min on 2 CPU cores)
-    python -m utils.benchmark --model tiny        # the tiny config: seconds
-    python -m utils.benchmark --batch-size 16 --context 1024 --compile   # on a GPU
-    python -m utils.benchmark --json benchmarks/my-machine.json          # also save the results
+    python -m utils.cli.benchmark                     # GPT-2 124M, batch 2, context 256 (~10 min on 2 CPU cores)
+    python -m utils.cli.benchmark --model tiny        # the tiny config: seconds
+    python -m utils.cli.benchmark --batch-size 16 --context 1024 --compile   # on a GPU
+    python -m utils.cli.benchmark --json benchmarks/my-machine.json          # also save the results
 
 How it measures. One model is built once; every repeat runs one training step (and one
 whole generation) of *every* path in turn, rotating the order, so a slow moment of the
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from utils.fast import bf16_supported, compile_model, fused_adamw, set_impl
+from utils.fast import CachedGPT, autocast_bf16, bf16_supported, compile_model, fused_adamw, set_impl
 from utils.generation import generate
 from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTModel
-from utils.train import _bf16_autocast, calc_loss_batch
+from utils.train import calc_loss_batch
 
 __all__ = ["run_benchmark", "format_results", "plot_results", "PEAK_BF16_TFLOPS"]
 
@@ -112,8 +112,8 @@ class _Trainer:
         if compiled:
             fast = set_impl(GPTModel(cfg), "fast").to(device).train()
             fast.load_state_dict(self.model.state_dict())
-            with _bf16_autocast(device, compiled_bf16):  # build the graph that will run
-                fast = compile_model(fast, self.x)
+            autocast_bf16(fast, compiled_bf16)  # build the graph that will run
+            fast = compile_model(fast, self.x)
             self.compiled = (fast, fused_adamw(fast.parameters(), lr=4e-4, weight_decay=0.1))
 
     def step(self, path: _TrainPath) -> float:
@@ -121,11 +121,11 @@ class _Trainer:
             model, optimizer = self.compiled
         else:
             model, optimizer = set_impl(self.model, path.impl), self.optimizers[path.fused_optimizer]
+            autocast_bf16(model, path.bf16)
         _sync(self.device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with _bf16_autocast(self.device, path.bf16):
-            loss = calc_loss_batch(self.x, self.y, model, self.device)
+        loss = calc_loss_batch(self.x, self.y, model, self.device)
         loss.backward()
         optimizer.step()
         _sync(self.device)
@@ -134,11 +134,12 @@ class _Trainer:
 
 def _generate_once(model, path: _GenPath, new_tokens: int, device) -> tuple[float, torch.Tensor]:
     set_impl(model, path.impl)
+    autocast_bf16(model, path.bf16)
+    runner = CachedGPT(model) if path.use_cache else model
     prompt = torch.tensor([PROMPT], device=device)
     _sync(device)
     start = time.perf_counter()
-    out = generate(model, prompt, new_tokens, model.cfg.context_length,
-                   use_cache=path.use_cache, bf16=path.bf16)
+    out = generate(runner, prompt, new_tokens, model.cfg.context_length)
     _sync(device)
     return time.perf_counter() - start, out
 
@@ -184,7 +185,7 @@ def _cpu_peaks(kind: str, paths, args: dict) -> list[float]:
     """Peak resident memory (MB) of a fresh process running only each path."""
     peaks = []
     for index in range(len(paths)):
-        cmd = [sys.executable, "-m", "utils.benchmark", "--peak-worker", f"{kind}:{index}",
+        cmd = [sys.executable, "-m", "utils.cli.benchmark", "--peak-worker", f"{kind}:{index}",
                "--worker-args", json.dumps(args)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         peaks.append(int(out.stdout.strip().splitlines()[-1]) / 2**20)
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tiny = args.model == "tiny"
     if args.device is None:
-        from utils.device import get_device
+        from utils.core.device import get_device
         args.device = get_device(verbose=False)
     results = run_benchmark(
         args.model, args.batch_size, args.context or (64 if tiny else 256), args.repeats,

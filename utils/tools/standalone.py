@@ -1,0 +1,172 @@
+"""Standalone copies of the chapter notebooks for Colab and Kaggle (hand-written maintainer
+tool; the README's "Colab and Kaggle" section says how learners use them).
+
+    python -m utils.tools.standalone           # (re)write standalone/*.ipynb
+    python -m utils.tools.standalone --check   # list copies that are out of date; exit 1 if any
+
+A notebook uploaded on its own cannot `import utils`. Its standalone copy is the notebook with
+a few cells put in front of the chapter: a short note, a cell that installs what the platform
+lacks (never PyTorch, which Colab and Kaggle ship), and one `%%writefile` cell per module of
+`utils` that the chapter needs (its imports and theirs, found by reading the code), holding
+the module's source as readable text. Saved outputs are cleared. The copies are generated:
+never edit them; `tests/test_standalone.py` fails when one is out of date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+from utils.core.paths import REPO_ROOT
+
+__all__ = ["SETUP_CELL", "CHAPTER_NOTEBOOKS", "modules_needed", "build_standalone",
+           "write_all", "stale_copies"]
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+STANDALONE_DIR = REPO_ROOT / "standalone"
+CHAPTER_NOTEBOOKS = sorted(p.name for p in NOTEBOOKS_DIR.glob("*.ipynb"))
+# What every notebook's setup and export cells import, whatever else it needs.
+ALWAYS = ["__init__", "core/__init__", "core/paths", "core/device", "tools/__init__",
+          "tools/export"]
+PACKAGES = ["torch", "tiktoken", "safetensors", "tqdm", "numpy", "pandas", "matplotlib"]
+_IMPORT = re.compile(r"^\s*(?:from\s+utils\.([\w.]+)\s+import|import\s+utils\.([\w.]+))", re.M)
+
+# The first code cell of every chapter notebook starts with these lines.
+SETUP_CELL = '''\
+# NBVAL_IGNORE_OUTPUT
+# Setup: run this cell and read on. It imports the course package `utils` (installed by
+# `pip install -r requirements.txt`) and picks where to compute: an NVIDIA GPU (CUDA), else
+# an Apple GPU (MPS), else the CPU.
+from utils.core.device import get_device
+
+device = get_device()'''
+
+_NOTE = """\
+**Running this copy on Colab or Kaggle.** The chapter starts after the setup below. This
+copy carries the parts of the course package `utils` that the chapter needs, one module per
+cell: run the next cells in order (they install what the platform lacks and write the
+modules into `./utils`) and go on to the chapter. You need not read the modules now: each
+one is built, step by step, in the chapter named in its first lines. In a clone of the
+course, open `notebooks/` instead, where `utils` is already installed.
+"""
+
+_INSTALL = """\
+# Installs what this platform lacks (PyTorch comes with Colab and Kaggle) and makes ./utils.
+import importlib.util, os, subprocess, sys
+
+missing = [name for name in {packages!r} if importlib.util.find_spec(name) is None]
+if "torch" in missing:
+    raise ModuleNotFoundError("PyTorch is missing: install it for your platform (pytorch.org)")
+if missing:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+for folder in {folders!r}:
+    os.makedirs(folder, exist_ok=True)
+print("ready:", "installed " + ", ".join(missing) if missing else "nothing to install")
+"""
+
+
+def _imports(code: str) -> set[str]:
+    return {(a or b).replace(".", "/") for a, b in _IMPORT.findall(code)}
+
+
+def _module_path(name: str) -> Path:
+    return REPO_ROOT / "utils" / f"{name}.py"
+
+
+def modules_needed(nb_path: Path) -> list[str]:
+    """The `utils` modules (as paths below utils/, e.g. "core/download") a notebook imports or
+    exports, with everything those import and the packages' `__init__` files."""
+    nb = nbformat.read(nb_path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    exported = set(re.findall(r"^#\| default_exp (\w+)", code, re.M))  # as if it had exported
+    todo = _imports(code) | exported | set(ALWAYS)
+    done: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if not _module_path(name).is_file():
+            raise FileNotFoundError(f"{nb_path.name} needs utils/{name}.py, which is missing")
+        done.add(name)
+        if "/" in name:
+            todo |= {name.split("/")[0] + "/__init__"} - done
+        if not name.endswith("__init__"):  # a package's docstring names every module
+            todo |= _imports(_module_path(name).read_text(encoding="utf-8")) - done
+    return sorted(done, key=lambda n: (n.count("/") == 0, n))  # infrastructure first
+
+
+def _setup_index(nb, name: str) -> int:
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            if not cell.source.startswith(SETUP_CELL):
+                raise ValueError(f"{name}: the first code cell must start with the setup cell "
+                                 f"(utils.tools.standalone.SETUP_CELL)")
+            return i
+    raise ValueError(f"{name} has no code cell")
+
+
+def build_standalone(nb_path: Path) -> str:
+    """The text of the standalone copy of the notebook at `nb_path`."""
+    nb = nbformat.read(nb_path, as_version=4)
+    index = _setup_index(nb, nb_path.name)
+    modules = modules_needed(nb_path)
+    folders = sorted({f"utils/{m}".rsplit("/", 1)[0] for m in modules})
+    carried = [nbformat.v4.new_markdown_cell(_NOTE.strip()),
+               nbformat.v4.new_code_cell(_INSTALL.format(packages=PACKAGES, folders=folders).strip())]
+    for name in modules:
+        source = _module_path(name).read_text(encoding="utf-8")
+        carried.append(nbformat.v4.new_code_cell(f"%%writefile utils/{name}.py\n{source}".rstrip()))
+    nb.cells[index:index] = carried
+    for c in nb.cells:
+        c.pop("id", None)  # fresh ids would make every build differ
+        if c.cell_type == "code":
+            c.outputs, c.execution_count = [], None
+    nb.metadata["colab"] = {"provenance": []}  # lets Colab open it from GitHub without fuss
+    nb.nbformat_minor = 4  # no cell ids: stable files
+    return nbformat.writes(nb) + "\n"
+
+
+def stale_copies(out_dir: Path = STANDALONE_DIR) -> list[str]:
+    """Names of standalone copies that are missing or differ from a fresh build."""
+    stale = []
+    for name in CHAPTER_NOTEBOOKS:
+        target = Path(out_dir) / name
+        fresh = build_standalone(NOTEBOOKS_DIR / name)
+        if not target.is_file() or target.read_text(encoding="utf-8") != fresh:
+            stale.append(name)
+    return stale
+
+
+def write_all(out_dir: Path = STANDALONE_DIR) -> list[Path]:
+    """Write the standalone copy of every chapter notebook into `out_dir` (and remove copies
+    whose notebook is gone)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.ipynb"):
+        if old.name not in CHAPTER_NOTEBOOKS:
+            old.unlink()
+    written = []
+    for name in CHAPTER_NOTEBOOKS:
+        (out_dir / name).write_text(build_standalone(NOTEBOOKS_DIR / name), encoding="utf-8")
+        written.append(out_dir / name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build standalone notebooks for Colab/Kaggle.")
+    parser.add_argument("--check", action="store_true", help="only report out-of-date copies")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_copies()
+        for name in stale:
+            print(f"standalone/{name} is out of date: run python -m utils.tools.standalone")
+        return 1 if stale else 0
+    for path in write_all():
+        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
