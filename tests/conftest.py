@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -51,7 +52,8 @@ class FileServer:
     """A real HTTP server on 127.0.0.1 whose routes the test configures.
 
     `routes[path] = (status, body, behaviour)` where behaviour is "ok", "drop" (send the
-    headers for the whole body, half the bytes, then close) or "no-range" (ignore Range).
+    headers for the whole body, half the bytes, then close), "no-range" (ignore Range) or
+    "hang" (answer only after 3 seconds). GET and POST are served alike.
     Every request is recorded in `requests` as (path, Range header or None).
     """
 
@@ -61,9 +63,15 @@ class FileServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.do_GET()
+
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 server.requests.append((self.path, self.headers.get("Range")))
                 status, body, behaviour = server.routes.get(self.path, (404, b"missing", "ok"))
+                if behaviour == "hang":
+                    time.sleep(3)
                 start = 0
                 rng = self.headers.get("Range")
                 if rng and status == 200 and behaviour != "no-range":

@@ -16,7 +16,7 @@ from utils.text import get_gpt2_tokenizer
 class WordTokenizer:
     """A stand-in tokenizer: one ID per whitespace-separated word (its length)."""
 
-    def encode(self, text, allowed_special=None):
+    def encode(self, text, allowed_special=None, disallowed_special=None):
         return [len(w) for w in text.split()]
 
 
@@ -92,13 +92,23 @@ def test_accuracy_on_a_hand_made_model_with_a_known_answer():
     assert calc_accuracy_loader(loader, LastTokenParity(), "cpu", num_batches=2) == pytest.approx(0.5)
 
 
-def test_classify_review_returns_a_label_and_rejects_empty_text():
-    torch.manual_seed(0)
-    model = freeze_for_classification(GPTModel(GPT_TINY))
-    tok = WordTokenizer()
-    assert classify_review("win a prize now", model, tok, "cpu", max_length=8) in {"spam", "not spam"}
-    assert classify_review(" ".join(["x"] * 500), model, tok, "cpu", max_length=500) in {
-        "spam", "not spam"}  # longer than the context: truncated
+class ParityWithContext(LastTokenParity):
+    """LastTokenParity with the context length that classify_review reads."""
+
+    def __init__(self, context_length=64):
+        super().__init__()
+        self.pos_emb = torch.nn.Embedding(context_length, 1)
+
+
+def test_classify_review_reads_the_last_token_after_padding_and_truncation():
+    model, tok = ParityWithContext(), WordTokenizer()  # token ID = word length; class = parity
+    assert classify_review("a bb ccc", model, tok, "cpu") == "spam"  # last ID 3: odd
+    assert classify_review("a bb cccc", model, tok, "cpu") == "not spam"  # last ID 4: even
+    # padded with 50256 (even) to the training length: the last token is padding
+    assert classify_review("a bb ccc", model, tok, "cpu", max_length=5) == "not spam"
+    # truncated to the context (64 tokens): the 64th word decides, not the 65th
+    words = ["x"] * 63 + ["yyy", "zz"]  # IDs ... 1, 3, 2
+    assert classify_review(" ".join(words), model, tok, "cpu", max_length=500) == "spam"
     with pytest.raises(ValueError, match="empty"):
         classify_review("   ", model, tok, "cpu")
 

@@ -104,7 +104,7 @@ def test_rouge_l():
 
 
 class Chars:
-    def encode(self, text, allowed_special=None):
+    def encode(self, text, allowed_special=None, disallowed_special=None):
         return [ord(c) % 100 for c in text]
 
 

@@ -78,7 +78,20 @@ def test_bad_arguments_are_clear_errors():
     model = FixedLogits(torch.zeros(4))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 3, 4)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        generate(model, torch.zeros(1, 1, dtype=torch.long), 3, 4, temperature=-1)
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+            generate(model, idx, 3, 4, temperature=bad)
     with pytest.raises(ValueError, match="top_k must be a positive"):
-        generate(model, torch.zeros(1, 1, dtype=torch.long), 3, 4, top_k=0)
+        generate(model, idx, 3, 4, top_k=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number >= 0"):
+        generate(model, idx, -2, 4)
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    model = FixedLogits(torch.tensor([0.0, 3.0, 1.0, 2.0]))
+    torch.manual_seed(0)
+    wide = generate(model, torch.zeros(1, 1, dtype=torch.long), 50, 4, temperature=1.0, top_k=1000)
+    torch.manual_seed(0)
+    plain = generate(model, torch.zeros(1, 1, dtype=torch.long), 50, 4, temperature=1.0)
+    assert torch.equal(wide, plain) and set(wide[0, 1:].tolist()) > {1}

@@ -55,7 +55,7 @@ def test_split_sizes_of_the_course_data():
 
 def test_dataset_tokenizes_the_full_example():
     class Chars:
-        def encode(self, text, allowed_special=None):
+        def encode(self, text, allowed_special=None, disallowed_special=None):
             return [ord(c) for c in text]
 
     entry = {"instruction": "Hi", "input": "", "output": "Hello"}

@@ -27,7 +27,7 @@ def story_vocab(extra=()):
 class CountingTokenizer:
     """A stand-in BPE: every whitespace-separated word becomes one ID (its position)."""
 
-    def encode(self, text, allowed_special=None):
+    def encode(self, text, allowed_special=None, disallowed_special=None):
         return list(range(len(text.split())))
 
 

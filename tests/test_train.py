@@ -52,7 +52,7 @@ def test_calc_loss_loader_averages_the_first_batches_and_handles_empty():
 
 def test_text_token_round_trip():
     class Chars:  # a stand-in tokenizer: one ID per character
-        def encode(self, text, allowed_special=None):
+        def encode(self, text, allowed_special=None, disallowed_special=None):
             return [ord(c) for c in text]
 
         def decode(self, ids):

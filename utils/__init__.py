@@ -6,6 +6,9 @@ written from their notebook's `#| export` cells; hand-written ones say so:
 
 - `utils.text` (notebooks/02_text_data.ipynb): SimpleTokenizerV1, SimpleTokenizerV2,
   get_gpt2_tokenizer, GPTDatasetV1, create_dataloader_v1
+- `utils.bpe` (notebooks/02b_bpe_from_scratch.ipynb): GPT2_SPLIT_PATTERN, count_words,
+  count_pairs, merge_pair, train_bpe_naive, BPETokenizer, bytes_to_unicode, load_gpt2_bpe,
+  train_bpe
 - `utils.attention` (notebooks/03_attention.ipynb): check_context_length, CausalAttention,
   MultiHeadAttention
 - `utils.model` (notebooks/04_gpt_model.ipynb): GPTConfig, GPT2_SMALL_124M,
@@ -29,7 +32,7 @@ written from their notebook's `#| export` cells; hand-written ones say so:
 - `utils.lora` (notebooks/appendix_E_lora.ipynb): LoRALayer, LinearWithLoRA,
   replace_linear_with_lora, merge_lora
 - `utils.evaluation` (notebooks/07_instruction_finetuning.ipynb): OLLAMA_URL,
-  OllamaNotRunning, query_model, is_ollama_running, Scores, judge_prompt,
+  OllamaNotRunning, OllamaError, query_model, is_ollama_running, Scores, judge_prompt,
   generate_model_scores, calc_response_loss, rouge_l, reference_overlap_scores
 - `utils.instruct` (notebooks/07_instruction_finetuning.ipynb): ALPACA_PREAMBLE,
   RESPONSE_HEADER, format_input, format_example, split_instruction_data, InstructionDataset,

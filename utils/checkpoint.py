@@ -167,6 +167,8 @@ def _read(path) -> dict:
         if not isinstance(payload.get(key), kind):
             raise CheckpointError(f"{path} is damaged: its '{key}' entry is missing or has "
                                   f"the wrong type. Save it again, or restore it from a backup.")
+    if payload["format"] == CHECKPOINT_FORMAT and not isinstance(payload.get("sha256"), dict):
+        raise CheckpointError(f"{path} is damaged: its tensor digests are missing.")
     if "sha256" in payload:
         _verify(path, payload)
     return payload

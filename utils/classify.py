@@ -41,7 +41,9 @@ class SpamDataset(Dataset):
     def __init__(self, csv_file, tokenizer, max_length: int | None = None,
                  pad_token_id: int = 50256, context_length: int | None = None):
         self.data = pd.read_csv(csv_file)
-        self.encoded_texts = [tokenizer.encode(text) for text in self.data["Text"]]
+        # disallowed_special=(): a message that contains "<|endoftext|>" is encoded as plain text
+        self.encoded_texts = [tokenizer.encode(text, disallowed_special=())
+                              for text in self.data["Text"]]
         if max_length is None:
             max_length = max(len(ids) for ids in self.encoded_texts)  # the longest message
         if context_length is not None:
@@ -165,7 +167,7 @@ def classify_review(text: str, model, tokenizer, device, max_length: int | None 
     if not text or not text.strip():
         raise ValueError("The text to classify is empty; pass the message you want to classify.")
     model.eval()
-    input_ids = tokenizer.encode(text)
+    input_ids = tokenizer.encode(text, disallowed_special=())  # typed text is text
     context_length = model.pos_emb.weight.shape[0]
     max_length = min(max_length or len(input_ids), context_length)  # never beyond the context
     input_ids = input_ids[:max_length]

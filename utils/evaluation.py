@@ -7,11 +7,12 @@ Built in notebooks/07_instruction_finetuning.ipynb (section 7.8). Ollama's API:
 https://github.com/ollama/ollama/blob/main/docs/api.md; ROUGE-L: Lin (2004).
 """
 
-__all__ = ["OLLAMA_URL", "OllamaNotRunning", "query_model", "is_ollama_running", "Scores", "judge_prompt", "generate_model_scores", "calc_response_loss", "rouge_l", "reference_overlap_scores"]
+__all__ = ["OLLAMA_URL", "OllamaNotRunning", "OllamaError", "query_model", "is_ollama_running", "Scores", "judge_prompt", "generate_model_scores", "calc_response_loss", "rouge_l", "reference_overlap_scores"]
 
 
 import json
 import re
+import socket
 import urllib.error
 import urllib.request
 
@@ -26,6 +27,10 @@ OLLAMA_URL = "http://localhost:11434/api/chat"
 
 class OllamaNotRunning(ConnectionError):
     """No Ollama server answered at the given URL."""
+
+
+class OllamaError(RuntimeError):
+    """The Ollama server answered, but not with a reply: a missing model, a timeout, ..."""
 
 
 def query_model(prompt: str, model: str = "llama3", url: str = OLLAMA_URL,
@@ -44,9 +49,21 @@ def query_model(prompt: str, model: str = "llama3", url: str = OLLAMA_URL,
                     reply.append(message.get("message", {}).get("content", ""))
                     if message.get("done"):
                         break
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise OllamaError(f"The Ollama server has no model {model!r}. Fetch it with "
+                              f"`ollama pull {model}` (or pass model= one that "
+                              f"`ollama list` shows), then run this again.") from exc
+        raise OllamaError(f"The Ollama server answered HTTP {exc.code} ({exc.reason}) for "
+                          f"model {model!r}.") from exc
+    except (TimeoutError, socket.timeout) as exc:
+        raise OllamaError(f"No reply from the Ollama server within {timeout:.0f} s. A model "
+                          f"loads slowly the first time: try again, or pass a larger "
+                          f"timeout=.") from exc
     except urllib.error.URLError as exc:
-        if isinstance(exc, urllib.error.HTTPError):
-            raise
+        if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+            raise OllamaError(f"No reply from the Ollama server within {timeout:.0f} s; try "
+                              f"again, or pass a larger timeout=.") from exc
         raise OllamaNotRunning(
             f"No Ollama server answered at {url} ({exc.reason}). Install Ollama from "
             f"https://ollama.com, start it with `ollama serve`, fetch a judge model with "
@@ -98,8 +115,8 @@ def generate_model_scores(json_data: list, json_key: str, model: str = "llama3",
 
 
 def _response_example(entry: dict, tokenizer, pad_token_id: int, ignore_index: int):
-    prompt_len = len(tokenizer.encode(format_input(entry) + RESPONSE_HEADER))
-    ids = tokenizer.encode(format_example(entry)) + [pad_token_id]  # the end token counts
+    prompt_len = len(tokenizer.encode(format_input(entry) + RESPONSE_HEADER, disallowed_special=()))
+    ids = tokenizer.encode(format_example(entry), disallowed_special=()) + [pad_token_id]
     targets = ids[1:]
     targets[:prompt_len - 1] = [ignore_index] * (prompt_len - 1)  # score only the response
     return ids[:-1], targets
@@ -123,7 +140,11 @@ def calc_response_loss(model, data: list, tokenizer, device, batch_size: int = 8
         total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
                                  ignore_index=ignore_index).item()
         count += (targets != ignore_index).sum().item()
-    return total / count if count else float("nan")
+    if count == 0:
+        raise ValueError(f"No reference response fits in the model's context of {context} "
+                         f"tokens: every prompt fills it. Use shorter entries or a model with a "
+                         f"longer context.")
+    return total / count
 
 
 def _words(text: str) -> list[str]:

@@ -9,6 +9,8 @@ Built in notebooks/05_pretraining.ipynb (section 5.3), following chapter 5 of S.
 __all__ = ["generate"]
 
 
+import math
+
 import torch
 
 
@@ -17,7 +19,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int,
              eos_id: int | None = None) -> torch.Tensor:
     """Extend the (B, T) token IDs `idx`: greedy if temperature is 0, else sampling,
     optionally restricted to the top_k tokens; stop at `eos_id` (not included)."""
-    _check_generate_args(idx, temperature, top_k)
+    _check_generate_args(idx, max_new_tokens, temperature, top_k)
     idx = idx.to(next(model.parameters()).device)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
@@ -25,7 +27,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int,
         with torch.no_grad():
             logits = model(idx_cond)[:, -1, :]  # (B, V) next-token scores
         if top_k is not None:
-            kth_best = torch.topk(logits, top_k).values[:, -1:]  # (B, 1)
+            k = min(top_k, logits.shape[-1])  # a k beyond the vocabulary keeps every token
+            kth_best = torch.topk(logits, k).values[:, -1:]  # (B, 1)
             logits = logits.masked_fill(logits < kth_best, float("-inf"))
         if temperature > 0.0:
             probs = torch.softmax(logits / temperature, dim=-1)
@@ -41,11 +44,13 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int,
     return idx
 
 
-def _check_generate_args(idx, temperature, top_k) -> None:
+def _check_generate_args(idx, max_new_tokens, temperature, top_k) -> None:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError("idx must be a (batch, tokens) tensor holding at least one token; "
                          "encode a non-empty prompt and add the batch dimension.")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive number of tokens, got {top_k}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # also rejects NaN
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive number of tokens, got {top_k!r}")

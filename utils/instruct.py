@@ -47,7 +47,9 @@ class InstructionDataset(Dataset):
 
     def __init__(self, data: list, tokenizer):
         self.data = data
-        self.encoded_texts = [tokenizer.encode(format_example(entry)) for entry in data]
+        # disallowed_special=(): an entry that contains "<|endoftext|>" is encoded as plain text
+        self.encoded_texts = [tokenizer.encode(format_example(entry), disallowed_special=())
+                              for entry in data]
 
     def __getitem__(self, index) -> list[int]:
         return self.encoded_texts[index]

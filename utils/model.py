@@ -187,6 +187,8 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"idx must be a (batch, tokens) tensor with at least one token, "
                          f"got {shape}; encode a non-empty prompt and use .unsqueeze(0).")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]  # crop to the supported context
         with torch.no_grad():

@@ -14,6 +14,7 @@ Type an instruction and press Enter; an empty line is ignored; `quit` or end of 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def stream_response(model, prompt_ids: list[int], max_new_tokens: int, temperatu
 
 
 def _answer(model, tokenizer, instruction: str, args, out) -> None:
-    prompt_ids = tokenizer.encode(format_input({"instruction": instruction, "input": ""})
-                                  + RESPONSE_HEADER)
+    prompt = format_input({"instruction": instruction, "input": ""}) + RESPONSE_HEADER
+    prompt_ids = tokenizer.encode(prompt, disallowed_special=())  # typed "<|endoftext|>" is text
     context = model.pos_emb.weight.shape[0]
     if len(prompt_ids) >= context:
         print(f"[That instruction is {len(prompt_ids)} tokens with the prompt template, but this "
@@ -71,6 +72,17 @@ def _answer(model, tokenizer, instruction: str, args, out) -> None:
     out.write("\n")
 
 
+def _check_args(args) -> str | None:
+    """What is wrong with the command-line values, before anything is loaded (None: fine)."""
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        return f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}"
+    if args.top_k is not None and args.top_k < 1:
+        return f"--top-k must be at least 1, got {args.top_k}"
+    return None
+
+
 def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
     parser = argparse.ArgumentParser(description="Chat with an instruction-finetuned model.")
     parser.add_argument("--checkpoint", type=Path,
@@ -81,6 +93,10 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
+    problem = _check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         model = load_checkpoint(args.checkpoint).eval()
     except (FileNotFoundError, CheckpointError) as exc:

@@ -341,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stopped = _train(run, ddp, train_loader, val_loader, sampler, say)
     except KeyboardInterrupt:
-        where = (f"{latest} (epoch {run.epoch}, step {run.step})" if latest.is_file()
-                 else "none saved yet")
+        where = "none saved yet"
+        if latest.is_file():
+            saved = checkpoint_info(latest)["extra"]
+            where = f"{latest} (epoch {saved['epoch']}, step {saved['step']})"
         say(f"\ninterrupted at step {run.step}. Last checkpoint: {where}; continue with --resume.",
             file=sys.stderr, flush=True)
         return 130

@@ -28,6 +28,7 @@ class Asset:
     backup_url: str | None = None  # tried when the canonical address fails
     archive_member: str | None = None  # the URL is a zip: keep only this member
     description: str = ""
+    token_env: str | None = None  # a gated file: send this variable's token (e.g. HF_TOKEN)
 
     @property
     def urls(self) -> list[str]:
