@@ -96,6 +96,7 @@ def test_no_weights_offline_falls_back_to_the_chapter5_checkpoint(monkeypatch, t
     monkeypatch.setenv("LLM_COURSE_MIRROR", "")
     monkeypatch.setenv("LLM_COURSE_CHECKPOINTS", str(tmp_path / "ckpt"))
     monkeypatch.setenv("LLM_COURSE_OFFLINE", "1")
+    monkeypatch.delenv("LLM_COURSE_FALLBACK", raising=False)
     with pytest.raises(AssetUnavailableError, match="running notebooks/05_pretraining"):
         load_pretrained_gpt2("gpt2-small (124M)")  # no fallback checkpoint yet
     torch.manual_seed(0)
@@ -111,7 +112,23 @@ def test_no_weights_online_is_an_error_not_a_substitution(monkeypatch, tmp_path,
     monkeypatch.setenv("LLM_COURSE_MIRROR", "")
     monkeypatch.setenv("LLM_COURSE_CHECKPOINTS", str(tmp_path / "ckpt"))
     monkeypatch.delenv("LLM_COURSE_OFFLINE", raising=False)
+    monkeypatch.delenv("LLM_COURSE_FALLBACK", raising=False)
     save_checkpoint(tmp_path / "ckpt" / "05_pretrained_the_verdict.pt", GPTModel(OURS))
     monkeypatch.setattr("utils.core.download.time.sleep", lambda s: None)  # skip retry back-off
     with pytest.raises(AssetUnavailableError, match="huggingface.co/openai-community/gpt2/"):
         load_pretrained_gpt2("gpt2-small (124M)", progress=False)
+
+
+def test_fallback_mode_uses_the_chapter5_model_even_online(monkeypatch, tmp_path, capsys,
+                                                           no_network):
+    monkeypatch.setenv("LLM_COURSE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("LLM_COURSE_CHECKPOINTS", str(tmp_path / "ckpt"))
+    monkeypatch.delenv("LLM_COURSE_OFFLINE", raising=False)
+    monkeypatch.setenv("LLM_COURSE_FALLBACK", "1")
+    with pytest.raises(AssetUnavailableError, match="run notebooks/05_pretraining.ipynb first"):
+        load_pretrained_gpt2("gpt2-medium (355M)")
+    save_checkpoint(tmp_path / "ckpt" / "05_pretrained_the_verdict.pt", GPTModel(OURS))
+    model = load_pretrained_gpt2("gpt2-medium (355M)")  # no download attempted (no_network)
+    out = capsys.readouterr().out
+    assert "instead of OpenAI's gpt2-medium (355M)" in out and "LLM_COURSE_FALLBACK=1" in out
+    assert model.cfg == dataclasses.replace(OURS, drop_rate=0.0)

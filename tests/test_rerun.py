@@ -45,3 +45,20 @@ def test_a_failing_notebook_is_left_untouched(tmp_path):
     else:
         raise AssertionError("the failing cell should have raised")
     assert path.read_bytes() == before
+
+
+def test_cells_tagged_remove_output_run_but_keep_no_output(tmp_path):
+    path = make_notebook(tmp_path / "t.ipynb", "x = 6 * 7\nprint('timing', x)", "print(x)")
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[0].metadata["tags"] = ["nbval-ignore-output", "remove-output"]
+    nbformat.write(nb, path)
+    rerun_notebook(path, timeout=120)
+    cells = nbformat.read(path, as_version=4).cells
+    assert cells[0].outputs == [] and cells[1].outputs[0].text == "42\n"  # it did run
+
+
+def test_every_cell_without_saved_output_is_ignored_by_nbval():
+    for path in sorted((REPO_ROOT / "notebooks").rglob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if "remove-output" in cell.metadata.get("tags", []):
+                assert "nbval-ignore-output" in cell.metadata["tags"], path.name

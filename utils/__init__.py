@@ -47,11 +47,15 @@ Infrastructure, below every chapter:
 - `utils.core.device`: Choosing where tensors live
 - `utils.core.download`: Fetching the course's data files, online or offline
 - `utils.core.paths`: Where the course keeps files on disk
+- `utils.core.runinfo`: How a notebook runs on this machine: quick mode, the stand-in for
+  OpenAI's GPT-2, and the banner that tells the learner
 
 Commands (`python -m utils.cli.NAME`), built on every chapter:
 
 - `utils.cli.benchmark`: Speed of the fast paths against the teaching implementation,
   measured side by side
+- `utils.cli.bpe_benchmark`: Training and encoding speed of the from-scratch BPE tokenizer
+  next to Hugging Face `tokenizers` and tiktoken, measured side by side
 - `utils.cli.chat`: Chat with your instruction-finetuned model in a terminal
 - `utils.cli.pretrain`: Pretraining from the command line, on one process or many
 

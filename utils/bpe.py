@@ -53,6 +53,7 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
 
 def _words_as_bytes(text: str, pattern: str, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    """Each distinct word of `text` as a list of byte values, and how often each occurs."""
     if vocab_size < 256:
         raise ValueError(f"vocab_size must be at least 256 (the byte values), got {vocab_size}")
     word_counts = count_words(text, pattern)
@@ -97,6 +98,7 @@ class BPETokenizer:
 
     @property
     def n_vocab(self) -> int:
+        """One more than the highest ID, as in tiktoken."""
         return max([*self.vocab, *self.special_tokens.values()]) + 1
 
     def _encode_word(self, word: str) -> list[int]:
@@ -109,6 +111,7 @@ class BPETokenizer:
         return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
+        """Token IDs of `text`, with special-token strings encoded as ordinary text."""
         ids = []
         for word in self.pattern.findall(text):
             if word not in self.cache:
@@ -117,6 +120,8 @@ class BPETokenizer:
         return ids
 
     def encode(self, text: str, allowed_special=()) -> list[int]:
+        """Token IDs of `text`; the special tokens in `allowed_special` (a set, or "all")
+        become their IDs, all others are ordinary text."""
         allowed = self.special_tokens if allowed_special == "all" else \
             [s for s in allowed_special if s in self.special_tokens]
         if not allowed:  # special-token strings, if any, are ordinary text
@@ -129,6 +134,7 @@ class BPETokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 become "�" (U+FFFD), as in tiktoken."""
         special = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         data = b"".join(self.vocab[i] if i in self.vocab else special[i] for i in ids)
         return data.decode("utf-8", errors="replace")

@@ -147,8 +147,9 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str
     import matplotlib.pyplot as plt
 
     fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
-    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.plot(epochs_seen, train_values, marker="o", markersize=3, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, marker="s", markersize=3, linestyle="-.",
+             label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
     ax1.legend()

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from utils.checkpoint import chapter5_checkpoint, checkpoint_info, load_checkpoint
-from utils.core.download import AssetUnavailableError, fetch, offline_mode
+from utils.core.download import AssetUnavailableError, fetch
+from utils.core.paths import shown_path
+from utils.core.runinfo import ENV_FALLBACK, fallback_mode, gpt2_stand_in_reason
 from utils.model import GPT2_PRESETS, GPTModel
 
 
@@ -112,27 +114,38 @@ GPT2_WEIGHT_ASSETS = {
 
 
 def load_pretrained_gpt2(model_name: str = "gpt2-small (124M)", progress: bool = True) -> GPTModel:
-    """GPTModel with OpenAI's GPT-2 weights (context 1024, qkv bias, no dropout), in eval mode.
-    Offline mode without the weights: the chapter-5 checkpoint, with a printed notice."""
+    """GPTModel with OpenAI's GPT-2 weights (context 1024, qkv bias, no dropout), in eval mode;
+    or, with `$LLM_COURSE_FALLBACK=1` or offline without the weights, chapter 5's model."""
     if model_name not in GPT2_WEIGHT_ASSETS:
         close = difflib.get_close_matches(model_name, GPT2_WEIGHT_ASSETS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown model name {model_name!r}.{hint} "
                          f"Choose one of: {', '.join(GPT2_WEIGHT_ASSETS)}.")
+    reason = gpt2_stand_in_reason(GPT2_WEIGHT_ASSETS[model_name])
+    if reason is not None and (fallback_mode() or chapter5_checkpoint().is_file()):
+        return _chapter5_stand_in(model_name, reason)
     try:
         path = fetch(GPT2_WEIGHT_ASSETS[model_name], progress=progress)
     except AssetUnavailableError as exc:
-        if offline_mode() and chapter5_checkpoint().is_file():
-            print(f"NOTICE: the {model_name} weights are not available and offline mode is on, "
-                  f"so this uses the model pretrained in chapter 5 ({chapter5_checkpoint().name}) "
-                  f"instead. Its results are far weaker than GPT-2's.")
-            stored = checkpoint_info(chapter5_checkpoint())["config"]
-            model = GPTModel(dataclasses.replace(stored, drop_rate=0.0))  # as for GPT-2 below
-            return load_checkpoint(chapter5_checkpoint(), model=model).eval()
-        raise AssetUnavailableError(f"{exc}\n(In offline mode, running notebooks/05_pretraining"
-                                    f".ipynb first provides a fallback model.)") from exc
+        raise AssetUnavailableError(f"{exc}\n(Offline, running notebooks/05_pretraining.ipynb "
+                                    f"first provides a stand-in model.)") from exc
     cfg = dataclasses.replace(GPT2_PRESETS[model_name], context_length=1024, qkv_bias=True,
                               drop_rate=0.0)
     model = GPTModel(cfg)
     load_weights_into_gpt(model, load_file(str(path)))
     return model.eval()
+
+
+def _chapter5_stand_in(model_name: str, reason: str) -> GPTModel:
+    path = chapter5_checkpoint()
+    if not path.is_file():
+        raise AssetUnavailableError(
+            f"${ENV_FALLBACK}=1 asks for chapter 5's model instead of {model_name}, but "
+            f"{shown_path(path)} is missing: run notebooks/05_pretraining.ipynb first, or "
+            f"unset ${ENV_FALLBACK} to load GPT-2 itself.")
+    print(f"NOTICE: instead of OpenAI's {model_name}, this uses the model pretrained in chapter "
+          f"5 ({path.name}), because {reason}. It knows one short story, so its results are "
+          f"far weaker than GPT-2's.")
+    stored = checkpoint_info(path)["config"]
+    model = GPTModel(dataclasses.replace(stored, drop_rate=0.0))  # no dropout, as for GPT-2
+    return load_checkpoint(path, model=model).eval()

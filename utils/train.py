@@ -107,8 +107,9 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path=None):
     from matplotlib.ticker import MaxNLocator
 
     fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_losses, label="Training loss")
-    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
+    ax1.plot(epochs_seen, train_losses, marker="o", markersize=3, label="Training loss")
+    ax1.plot(epochs_seen, val_losses, marker="s", markersize=3, linestyle="-.",
+             label="Validation loss")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right")

@@ -6,6 +6,8 @@ its size in bytes and its sha256. `utils.core.download.fetch(name)` is the one w
 
 Sizes and checksums come from the published files (the Hugging Face Hub's LFS metadata for
 the GPT-2 weights, the UCI archive for the SMS data, tiktoken's pinned hashes for the BPE files).
+Chapter 9's open models are pinned to one Hub revision each: the canonical address follows
+`main`, the backup address that revision, so a later change on `main` cannot slip in unverified.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ class Asset:
 
 
 _HF = "https://huggingface.co/openai-community/{repo}/resolve/main/model.safetensors"
+_HUB = "https://huggingface.co/{repo}/resolve/{revision}/{file}"
+_QWEN3 = ("Qwen/Qwen3-0.6B", "c1899de289a04d12100db370d81485cdf75e47ca")  # (repo, revision)
+_LLAMA32 = ("meta-llama/Llama-3.2-1B", "4e20de362430cd3b72f300e6b0f18e50e7166e08")
+
+
+def _hub(name: str, model: tuple[str, str], file: str, size: int, sha256: str,
+         description: str, token_env: str | None = None) -> Asset:
+    """A file of a Hub model repository: `main` first, then the pinned revision."""
+    (repo, revision), folder = model, name.rsplit("-", 1)[0]
+    return Asset(name, f"{folder}/{file}", _HUB.format(repo=repo, revision="main", file=file),
+                 size, sha256, backup_url=_HUB.format(repo=repo, revision=revision, file=file),
+                 description=description, token_env=token_env)
+
 _BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 _RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
 
@@ -80,6 +95,25 @@ _ALL = [
           _HF.format(repo="gpt2-xl"), None,
           "0f8b28eb05a8075f48b61b6f35332978c74fc7763fa9fb4051a1c30511736a6a",
           description="Pretrained GPT-2 1558M weights (about 6.43 GB)"),
+    _hub("qwen3-0.6b-config", _QWEN3, "config.json", 726,
+         "660db3b73d788119c04535e48cf9be5f55bc3100841a718637ae695b442f27dd",
+         "Qwen3-0.6B configuration (Hugging Face config.json): chapter 9"),
+    _hub("qwen3-0.6b-tokenizer", _QWEN3, "tokenizer.json", 11422654,
+         "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+         "Qwen3 tokenizer (Hugging Face tokenizer.json): chapter 9"),
+    _hub("qwen3-0.6b-weights", _QWEN3, "model.safetensors", 1503300328,
+         "f47f71177f32bcd101b7573ec9171e6a57f4f4d31148d38e382306f42996874b",
+         "Qwen3-0.6B weights, bfloat16 safetensors (Apache 2.0): chapter 9"),
+    _hub("llama-3.2-1b-config", _LLAMA32, "config.json", 843,
+         "bfb5d39c327ee5c3a65e3574596ff30b052a445cfc59a25bdf3b4c0c5a44f4d2",
+         "Llama 3.2 1B configuration (gated: needs HF_TOKEN): chapter 9", token_env="HF_TOKEN"),
+    _hub("llama-3.2-1b-tokenizer", _LLAMA32, "tokenizer.json", 9085657,
+         "79e3e522635f3171300913bb421464a87de6222182a0570b9b2ccba2a964b2b4",
+         "Llama 3 tokenizer (gated: needs HF_TOKEN): chapter 9", token_env="HF_TOKEN"),
+    _hub("llama-3.2-1b-weights", _LLAMA32, "model.safetensors", 2471645608,
+         "68a2e4be76fa709455a60272fba8e512c02d81c46e6c671cc9449e374fd6809a",
+         "Llama 3.2 1B weights, bfloat16 safetensors (Llama 3.2 Community License; gated: "
+         "needs HF_TOKEN): chapter 9", token_env="HF_TOKEN"),
 ]
 
 ASSETS: dict[str, Asset] = {a.name: a for a in _ALL}

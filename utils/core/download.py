@@ -13,7 +13,10 @@ check). Downloads go to `NAME.part` and are renamed only when complete and verif
 interrupted download never leaves a file that looks finished; the next call continues the
 `.part` file where the server allows it. Processes that fetch the same file at once (two
 notebooks, DDP ranks) take turns through a lock file: one downloads, the others then find
-the verified copy. With `$LLM_COURSE_OFFLINE=1` the network is never touched.
+the verified copy. With `$LLM_COURSE_OFFLINE=1` the network is never touched. An asset
+that needs an access token (a gated model on the Hugging Face Hub) names an environment
+variable, `HF_TOKEN`; its value is sent as a bearer token to the asset's own address only,
+never to the servers that address redirects to.
 """
 
 from __future__ import annotations
@@ -217,7 +220,6 @@ def _fetch_locked(asset: Asset, dest: Path, mirror, offline: bool, progress: boo
         if fault is None:
             _copy_atomically(source, dest)
             _verify_cached(dest, asset, full=True)  # stamps the copy
-            _say(progress, f"Copied {asset.filename} from the offline mirror (${ENV_MIRROR})")
             return dest
         looked.append(f"offline mirror {source}: {fault}")
 
@@ -246,6 +248,9 @@ def _explain(asset: Asset, dest: Path, looked: list[str], offline: bool) -> str:
     lines += ["What you can do:",
               f"  - {how} and save it as {dest}",
               f"  - or set {ENV_MIRROR} to a folder that holds {asset.filename}"]
+    if asset.token_env:
+        lines.append(f"  - this file is gated: accept the license on the model's page while "
+                     f"logged in, create an access token and set ${asset.token_env} to it")
     if offline:
         lines.append(f"  - or unset {ENV_OFFLINE} on a machine with internet access")
     else:
@@ -296,7 +301,8 @@ def _download_with_retries(url: str, part: Path, asset: Asset, progress: bool,
             if exc.code == 416:  # our partial file is bigger than the remote one: start over
                 part.unlink(missing_ok=True)
             elif exc.code < 500 and exc.code not in (408, 429):
-                raise _DownloadError(f"HTTP {exc.code} {exc.reason}") from exc
+                raise _DownloadError(f"HTTP {exc.code} {exc.reason}"
+                                     f"{_access_hint(asset, exc.code)}") from exc
             last_error = f"HTTP {exc.code} {exc.reason}"
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             last_error = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
@@ -306,13 +312,27 @@ def _download_with_retries(url: str, part: Path, asset: Asset, progress: bool,
     raise _DownloadError(f"failed after {retries} attempts ({last_error})")
 
 
+def _access_hint(asset: Asset, code: int) -> str:
+    """What a refused download of a gated asset means, for the error message."""
+    if asset.token_env is None or code not in (401, 403):
+        return ""
+    if os.environ.get(asset.token_env, "").strip():
+        return (f" (${asset.token_env} is set, but its token was refused: check it, and that "
+                f"its account has accepted this model's license)")
+    return (f" (a gated file: set ${asset.token_env} to an access token of an account that "
+            f"has accepted this model's license)")
+
+
 def _stream(url: str, part: Path, asset: Asset, progress: bool, timeout: float) -> None:
     start = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "llm-from-scratch-course"}
     if start:
         headers["Range"] = f"bytes={start}-"
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                timeout=timeout) as resp:
+    request = urllib.request.Request(url, headers=headers)
+    token = os.environ.get(asset.token_env, "").strip() if asset.token_env else ""
+    if token:  # unredirected: the storage server the Hub redirects to must not receive it
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         if start and resp.status != 206:  # the server ignored the range: take it all again
             start = 0
         length = resp.headers.get("Content-Length")

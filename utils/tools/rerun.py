@@ -3,13 +3,15 @@
 nbval compares every cell's output with the output saved in the notebook, so the saved
 outputs must be exactly what the test run produces. This command runs notebooks the way
 `pytest` does (this environment's own kernel, the notebook's folder as working directory,
-CPU unless `$LLM_COURSE_DEVICE` says otherwise, quick mode unless `$LLM_COURSE_QUICK=0`)
+CPU unless `$LLM_COURSE_DEVICE` says otherwise, quick mode unless `$LLM_COURSE_QUICK=0`,
+chapter 5's model in place of GPT-2 unless `$LLM_COURSE_FALLBACK=0`)
 and writes the fresh outputs back:
 
     python -m utils.tools.rerun notebooks/02_text_data.ipynb [more.ipynb ...]
     python -m utils.tools.rerun --mirror ../shared/data notebooks/*.ipynb   # offline, as CI runs
 
 `--mirror DIR` sets `$LLM_COURSE_MIRROR=DIR` and `$LLM_COURSE_OFFLINE=1` for the kernel.
+Cells tagged "remove-output" (timings) are run but saved without output.
 """
 
 from __future__ import annotations
@@ -28,8 +30,14 @@ from nbval.kernel import CURRENT_ENV_KERNEL_NAME, NbvalKernelspecManager
 from utils.core.device import ENV_DEVICE
 from utils.core.download import ENV_MIRROR, ENV_OFFLINE
 from utils.core.paths import ENV_QUICK
+from utils.core.runinfo import ENV_FALLBACK
 
-__all__ = ["rerun_notebook"]
+__all__ = ["rerun_notebook", "REMOVE_OUTPUT_TAG"]
+
+# Cells with this tag (Jupyter's usual name for it) keep no saved output: what they print
+# depends on the machine (timings), so only a learner's own run shows it. They also carry
+# nbval's "nbval-ignore-output" tag, so the tests run them without comparing.
+REMOVE_OUTPUT_TAG = "remove-output"
 
 
 def rerun_notebook(path: str | Path, timeout: int = 1800) -> float:
@@ -45,6 +53,9 @@ def rerun_notebook(path: str | Path, timeout: int = 1800) -> float:
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute()
+    for cell in nb.cells:  # e.g. live timings: shown when a learner runs them, never saved
+        if cell.cell_type == "code" and REMOVE_OUTPUT_TAG in cell.metadata.get("tags", []):
+            cell.outputs = []
     nbformat.write(nb, path)
     return time.perf_counter() - start
 
@@ -56,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault(ENV_DEVICE, "cpu")  # the saved outputs are the CPU run's,
     os.environ.setdefault(ENV_QUICK, "1")  # in quick mode, exactly as pytest runs them
+    os.environ.setdefault(ENV_FALLBACK, "1")  # and with the GPT-2 stand-in
     if args.mirror is not None:
         os.environ[ENV_MIRROR] = str(args.mirror.resolve())
         os.environ[ENV_OFFLINE] = "1"
