@@ -11,12 +11,6 @@ from pathlib import Path
 
 import pytest
 
-# The saved notebook outputs are the CPU run's, with training-heavy cells at the reduced size
-# of quick mode, and with chapter 5's model standing in for OpenAI's GPT-2 (so they are the
-# same with or without internet access); notebook kernels started by nbval inherit these.
-os.environ.setdefault("LLM_COURSE_DEVICE", "cpu")
-os.environ.setdefault("LLM_COURSE_QUICK", "1")
-os.environ.setdefault("LLM_COURSE_FALLBACK", "1")
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 

@@ -15,13 +15,14 @@ from utils.dpo import (PreferenceDataset, dpo_loss, dpo_loss_batch, evaluate_dpo
 from utils.instruct import RESPONSE_HEADER, format_input
 from utils.model import GPT_TINY, GPTModel
 
-PAD = 50256
+PAD = 50256  # GPT-2's end-of-text token, the collate's default padding
+SMALL_PAD = 127  # the padding and end token of the bigram model's small vocabulary
 
 
 class CharTokenizer:
     """One token per character (IDs below 256): enough to test the dataset offline."""
 
-    def encode(self, text):
+    def encode(self, text, **kwargs):
         return [ord(c) % 256 for c in text]
 
 
@@ -29,7 +30,7 @@ class BigramModel(nn.Module):
     """Logits at position t depend only on token t, so the tests can see which positions
     a log-probability reads."""
 
-    def __init__(self, vocab_size=PAD + 1):
+    def __init__(self, vocab_size=SMALL_PAD + 1):
         super().__init__()
         torch.manual_seed(123)
         self.table = nn.Embedding(vocab_size, vocab_size)
@@ -122,8 +123,8 @@ def test_collate_truncates_to_the_context_even_past_the_prompt():
     assert logprobs.tolist() == [0.0, 0.0]  # nothing to score: no NaN, no crash
 
 
-def logprobs_of(model, batch):
-    inputs, targets = preference_collate_fn(batch)
+def logprobs_of(model, batch, pad_token_id=PAD):
+    inputs, targets = preference_collate_fn(batch, pad_token_id=pad_token_id)
     chosen, rejected = pair_logprobs(model, inputs, targets)
     return torch.cat([chosen, rejected])
 
@@ -131,22 +132,25 @@ def logprobs_of(model, batch):
 def test_prompt_and_padding_tokens_are_not_scored_but_response_tokens_are():
     model = BigramModel()
     with torch.no_grad():
-        base = logprobs_of(model, TOY_BATCH)
+        def scored(batch):
+            return logprobs_of(model, batch, pad_token_id=SMALL_PAD)
+
+        base = scored(TOY_BATCH)
         # a prompt token before the last one predicts only prompt tokens: masked
         changed_prompt = [item([99, 2, 3], [4, 5], [6]), TOY_BATCH[1]]
-        assert torch.equal(logprobs_of(model, changed_prompt), base)
+        assert torch.equal(scored(changed_prompt), base)
         # padding inputs (after the end token) predict nothing that counts
-        inputs, targets = preference_collate_fn(TOY_BATCH)
+        inputs, targets = preference_collate_fn(TOY_BATCH, pad_token_id=SMALL_PAD)
         inputs[2, -1] = 123  # the rejected response of pair 1 is padded at the end
         chosen, rejected = pair_logprobs(model, inputs, targets)
         assert torch.equal(torch.cat([chosen, rejected]), base)
         # a response token is scored
         changed_response = [item([1, 2, 3], [4, 77], [6]), TOY_BATCH[1]]
-        new = logprobs_of(model, changed_response)
+        new = scored(changed_response)
         assert new[0] != base[0] and torch.equal(new[1:], base[1:])
         # so is the last prompt token, which predicts the first response token
         changed_last = [item([1, 2, 99], [4, 5], [6]), TOY_BATCH[1]]
-        assert logprobs_of(model, changed_last)[0] != base[0]
+        assert scored(changed_last)[0] != base[0]
 
 
 def test_a_pairs_logprobs_do_not_depend_on_the_padding_of_its_batch():
@@ -238,8 +242,8 @@ def test_a_reference_that_shares_the_policys_weights_is_refused():
 
 def test_logprob_margins_count_the_pairs_the_model_prefers():
     model = BigramModel()
-    loader = [preference_collate_fn(TOY_BATCH)]
+    loader = [preference_collate_fn(TOY_BATCH, pad_token_id=SMALL_PAD)]
     margins = logprob_margins(model, loader)
     with torch.no_grad():
-        chosen, rejected = pair_logprobs(model, *preference_collate_fn(TOY_BATCH))
+        chosen, rejected = pair_logprobs(model, *loader[0])
     assert margins.shape == (2,) and torch.allclose(margins, chosen - rejected)

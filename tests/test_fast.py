@@ -1,21 +1,31 @@
 """Equivalence tests for utils/fast.py (notebook 08): same weights, same results. Nothing here
 is timed; speed is measured by `python -m utils.cli.benchmark`."""
 
+import contextlib
 import dataclasses
+import io
+import json
+import os
+import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from utils.attention import MultiHeadAttention
-from utils.cli.benchmark import _flops_per_token, format_results, run_benchmark
+from utils.cli.benchmark import data_sheet_bf16_tflops, flops_per_token
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.fast import (CachedGPT, FastGELU, FastLayerNorm, KVCache, SDPAttention,
-                        autocast_bf16, bf16_supported, compile_model, forward_with_cache,
-                        fused_adamw, set_impl)
+from utils.fast import (BF16Linear, CachedGPT, FastGELU, FastLayerNorm, KVCache, SDPAttention,
+                        autocast_bf16, bf16_inference_model, bf16_supported, compile_model,
+                        fast_loss_batch, forward_with_cache, fused_adamw, fused_cross_entropy,
+                        keep_freed_memory, set_impl, train_model_fast)
 from utils.generation import generate
 from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTModel, generate_text_simple
-from utils.train import calc_loss_batch, train_model_simple
+from utils.train import calc_loss_batch, generate_and_print_sample, train_model_simple
 
 SMALL_VOCAB = dataclasses.replace(GPT_TINY, vocab_size=256)
 
@@ -259,18 +269,334 @@ def test_compile_model_by_blocks_needs_blocks():
 def test_flops_per_token_for_gpt2_small():
     # N = 163,009,536 parameters minus the token and position tables (51,281 x 768)
     n = 163_009_536 - 51_281 * 768
-    assert _flops_per_token(GPT2_SMALL_124M, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert flops_per_token(GPT2_SMALL_124M, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
 
 
-def test_benchmark_runs_every_path_and_reports_ratios():
-    results = run_benchmark("tiny", batch_size=1, context=16, repeats=1, new_tokens=8,
-                            memory=False, progress=False)
-    names = [row["path"] for row in results["train"]]
-    assert names[0] == "teaching" and "fast path (+ fused AdamW)" in names
-    assert results["train"][0]["ratio"] == 1.0
-    assert all(row["tokens_per_s"] > 0 and row["ratio"] > 0
-               for row in results["train"] + results["generate"])
-    assert results["greedy_identical_with_cache"] is True
-    assert "teaching + KV cache" in format_results(results)
+def test_data_sheet_peaks_match_the_right_gpu():
+    assert data_sheet_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert data_sheet_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert data_sheet_bf16_tflops("NVIDIA A100-SXM4-40GB") == 312.0  # not the A10's 125
+    assert data_sheet_bf16_tflops("NVIDIA L40S") == 362.0  # not the L4's 121
+    assert data_sheet_bf16_tflops("NVIDIA L4") == 121.0
+    assert data_sheet_bf16_tflops("Tesla T4") == 65.0
+    assert data_sheet_bf16_tflops("Some Future GPU") is None
+
+
+# --- bfloat16 weights for generation ---------------------------------------------------------
+
+BF16_REL_TOL = 2e-2  # bfloat16 keeps 8 significant bits (~0.4% per rounding); logits after a
+# few layers of such products stay within 2% of float32 in relative (Frobenius) norm
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "emulated" warning on CPUs without bf16
+        return fn(*args, **kwargs)
+
+
+def _relative(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_bf16_inference_model_is_a_converted_copy():
+    model = _model(impl="fast")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = _quiet(bf16_inference_model, autocast_bf16(model))
+    assert "forward" not in fast.__dict__ and "forward" in model.__dict__  # a plain copy
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is BF16Linear and m.weight.dtype == torch.bfloat16
+                           for m in linears)
+    assert fast.tok_emb.weight.dtype == fast.final_norm.scale.dtype == torch.float32
+    assert list(fast.state_dict()) == list(before)  # the same names as any checkpoint
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
+    assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_linear_matches_float32_within_bf16_rounding(bias):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 96, bias=bias)
+    x = torch.randn(3, 5, 64)
+    expected = plain(x)
+    layer = torch.nn.Linear(64, 96, bias=bias)
+    layer.load_state_dict(plain.state_dict())
+    layer.__class__ = BF16Linear
+    layer.to(torch.bfloat16)
+    unpacked = layer(x)
+    assert unpacked.dtype == torch.bfloat16 and unpacked.shape == (3, 5, 96)
+    assert _relative(unpacked, expected) < 1e-2
+    if bf16_supported("cpu"):  # the oneDNN-packed weight gives the same products
+        model = _quiet(bf16_inference_model, torch.nn.Sequential(plain))
+        packed = model[0]
+        assert packed.packed is not None
+        torch.testing.assert_close(packed(x), unpacked, rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_inference_logits_and_cache_follow_float32():
+    model = _model(impl="fast")
+    fast = _quiet(bf16_inference_model, model)
+    idx = torch.randint(0, GPT_TINY.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = model(idx)
+        assert _relative(fast(idx), expected) < BF16_REL_TOL
+        cache = KVCache(GPT_TINY.n_layers, GPT_TINY.context_length)
+        prefill = forward_with_cache(fast, idx[:, :8], cache)
+        assert cache.keys[0].dtype == cache.values[-1].dtype == torch.bfloat16
+        assert cache.keys[0].element_size() == 2  # half the float32 cache
+        steps = [prefill[:, -1]] + [forward_with_cache(fast, idx[:, t:t + 1], cache)[:, -1]
+                                    for t in range(8, 12)]
+    assert _relative(prefill, expected[:, :8]) < BF16_REL_TOL
+    for t, step in zip(range(7, 12), steps):  # each decoded position against float32
+        assert _relative(step, expected[:, t]) < BF16_REL_TOL
+    out = CachedGPT(fast)(idx)
+    assert out.dtype == torch.float32 and out.shape == (2, 12, GPT_TINY.vocab_size)
+
+
+def _confident_model():
+    """A small model trained to continue a fixed cycle of tokens: large logit margins."""
+    torch.manual_seed(0)
+    model = set_impl(GPTModel(SMALL_VOCAB), "fast")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    cycle = torch.randperm(256)[:40]
+    data = cycle.repeat(4)  # (160,)
+    windows = torch.stack([data[i:i + 33] for i in range(0, 120, 3)])  # (40, 33)
+    for _ in range(40):
+        optimizer.zero_grad()
+        calc_loss_batch(windows[:, :-1], windows[:, 1:], model, "cpu").backward()
+        optimizer.step()
+    return model.eval(), cycle
+
+
+def test_bf16_greedy_generation_agrees_with_float32_where_the_margin_is_clear():
+    model, cycle = _confident_model()
+    fast = _quiet(bf16_inference_model, model)
+    prompts = torch.stack([cycle[i:i + 4] for i in (0, 7, 19)])  # three prompts from the cycle
+    fp32 = generate_text_simple(CachedGPT(model), prompts, 30, SMALL_VOCAB.context_length)
+    bf16 = generate_text_simple(CachedGPT(fast), prompts, 30, SMALL_VOCAB.context_length)
+    with torch.no_grad():  # teacher-forced along float32's choices
+        logits32 = model(fp32)[:, 3:-1]
+        logits16 = fast(fp32)[:, 3:-1].float()
+    top2 = logits32.topk(2, dim=-1).values
+    margin = top2[..., 0] - top2[..., 1]
+    shift = (logits16 - logits32).abs().amax(dim=-1)
+    clear = margin > 2 * shift  # bf16 rounding cannot reorder the top two here
+    assert clear.float().mean() > 0.9  # the trained model is sure almost everywhere
+    assert torch.equal(logits16.argmax(-1)[clear], logits32.argmax(-1)[clear])
+    if clear.all():
+        assert torch.equal(bf16, fp32)
+
+
+# --- the fused cross-entropy ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,chunk_rows", [(50, 16), (7, 32), (64, 64)])
+def test_fused_cross_entropy_equals_f_cross_entropy(dtype, rows, chunk_rows):
+    torch.manual_seed(rows)
+    logits = (4 * torch.randn(rows, 301)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 301, (rows,))
+    targets[::6] = -100  # ignored positions, as chapter 7's masks write them
+    reference_logits = logits.detach().clone().requires_grad_()
+    reference = F.cross_entropy(reference_logits.float(), targets)
+    (3 * reference).backward()
+    loss = fused_cross_entropy(logits, targets, chunk_rows=chunk_rows)
+    (3 * loss).backward()  # the backward pass scales the stored gradient
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert logits.grad.dtype == dtype
+    tolerance = 1e-7 if dtype == torch.float32 else 1e-4  # bf16 stores the gradient rounded
+    torch.testing.assert_close(logits.grad.float(), reference_logits.grad.float(),
+                               rtol=1e-2, atol=tolerance)
+    with torch.no_grad():  # without autograd: F.cross_entropy itself
+        assert fused_cross_entropy(logits, targets).item() == pytest.approx(reference.item(),
+                                                                           abs=1e-5)
+
+
+def test_fused_cross_entropy_with_every_target_ignored_is_zero_not_nan():
+    logits = torch.randn(4, 10, requires_grad=True)
+    loss = fused_cross_entropy(logits, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+def test_fast_loss_batch_equals_chapter_5_loss():
+    model = _model(SMALL_VOCAB, impl="fast").train()
+    x, y = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
+    expected = calc_loss_batch(x, y, model, "cpu")
+    (grad_expected,) = torch.autograd.grad(expected, model.out_head.weight)
+    loss = fast_loss_batch(x, y, model, "cpu")
+    (grad,) = torch.autograd.grad(loss, model.out_head.weight)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-8)
+
+
+# --- chapter 5's loop with every speed-up ------------------------------------------------------
+
+def _verdict_like_loaders():
+    torch.manual_seed(5)
+    windows = torch.randint(0, 256, (12, 17))
+    train = [(windows[i:i + 2, :-1], windows[i:i + 2, 1:]) for i in range(0, 10, 2)]
+    return train, [(windows[10:, :-1], windows[10:, 1:])]
+
+
+def _train(loop, bf16: bool, fast: bool):
+    train, val = _verdict_like_loaders()
+    torch.manual_seed(123)
+    model = GPTModel(dataclasses.replace(SMALL_VOCAB, drop_rate=0.0))
+    if fast:
+        set_impl(model, "fast")
+    if bf16 and loop is train_model_simple:
+        autocast_bf16(model)  # chapter 5's loop on float32 master weights under autocast
+    optimizer = (fused_adamw if fast else torch.optim.AdamW)(model.parameters(), lr=1e-3,
+                                                             weight_decay=0.1)
+    tokenizer = _ByteTokenizer()
+    printed = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+        warnings.simplefilter("ignore")
+        extra = {"bf16": bf16} if loop is train_model_fast else {}
+        history = loop(model, train, val, optimizer, "cpu", 3, 2, 2, "ab", tokenizer,
+                       verbose=True, **extra)
+    return model, history, printed.getvalue()
+
+
+class _ByteTokenizer:
+    """Token IDs 0-255 as bytes: enough of a tokenizer for the samples the loops print."""
+
+    def encode(self, text, allowed_special=None):
+        return list(text.encode("latin-1"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("latin-1")
+
+
+def test_train_model_fast_in_float32_repeats_chapter_5s_run():
+    _, (train_a, val_a, seen_a), log_a = _train(train_model_simple, False, False)
+    model, (train_b, val_b, seen_b), log_b = _train(train_model_fast, False, True)
+    assert seen_a == seen_b and len(train_a) == len(train_b) == 8
+    assert max(abs(a - b) for a, b in zip(train_a + val_a, train_b + val_b)) < 1e-4
+    pattern = r"Ep \d+ \(Step \d+\): Train loss [\d.]+, Val loss [\d.]+, tokens seen [\d,]+"
+    assert len(re.findall(pattern, log_a)) == len(re.findall(pattern, log_b)) == 8
+    samples = [line for line in log_b.split("\n")[:-1] if not line.startswith("Ep ")]
+    assert len(samples) == 3 and all(line.startswith("ab") for line in samples)
+    printed = io.StringIO()  # the last sample is chapter 5's, through the KV cache
+    with contextlib.redirect_stdout(printed):
+        generate_and_print_sample(model, _ByteTokenizer(), "cpu", "ab")
+    assert printed.getvalue().split("\n")[:-1] == samples[-1:]
+    assert "forward" not in model.__dict__  # the model is left as it was given
+
+
+def test_train_model_fast_in_bf16_follows_autocast_on_float32_weights():
+    _, (train_a, val_a, _), _ = _train(train_model_simple, True, True)
+    _, (train_b, val_b, _), log = _train(train_model_fast, True, True)
+    assert train_b[-1] < 0.9 * train_b[0]  # it learns
+    for a, b in zip(train_a + val_a, train_b + val_b):  # the same trajectory, up to bf16
+        assert b == pytest.approx(a, rel=2e-2)
+    assert log.count("\n") == 8 + 3  # 8 evaluations, 3 samples
+
+
+# --- keeping freed memory -----------------------------------------------------------------------
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_keep_freed_memory_stops_page_faults_for_reused_blocks():
+    script = """if True:
+        import resource, torch
+        from utils.fast import keep_freed_memory
+
+        def faults():  # a step in miniature: 42, 63 and 84 MB allocated, filled, freed
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            tensors = [torch.ones(n * 2**18) for n in (40, 60, 80)]
+            del tensors
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        if not keep_freed_memory(False):
+            raise SystemExit("not glibc")
+        fresh = [faults() for _ in range(4)]
+        assert keep_freed_memory()
+        kept = [faults() for _ in range(6)]
+        print(fresh[-1], kept[-1])
+    """
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    if "not glibc" in out.stderr:
+        pytest.skip("not glibc")
+    assert out.returncode == 0, out.stderr
+    fresh, kept = map(int, out.stdout.split())
+    assert fresh > 10_000 and kept < 500  # 189 MB is 46,000 pages of 4 KB (fewer if huge)
+
+
+# --- the benchmark command ------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _benchmark(tmp_path, *args):
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.cli.benchmark", *args, "--json", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_benchmark_command_quick_run_reports_what_it_printed(tmp_path):
+    r, printed = _benchmark(tmp_path, "--quick", "--repeats", "1", "--no-memory",
+                            "--context", "16", "--new-tokens", "8", "--matmul-size", "256",
+                            "--peak-tflops", "1.0")
+    m, s = r["machine"], r["setup"]
+    assert m["torch"] == torch.__version__ and m["cpu_threads"] >= 1 and "cpu" in m
+    assert m["cpu"] in printed and f"torch {m['torch']}" in printed
+    assert (s["model"], s["repeats"], s["context"]) == ("tiny", 1, 16)
+    assert s["flops_per_token"] == flops_per_token(GPT_TINY, 16)
+    bf16 = m["native_bf16"]
+    assert set(r["peak_gflops"]) == ({"float32", "bfloat16"} if bf16 else {"float32"})
+    names = [row["path"] for row in r["train"]]
+    assert names[:5] == ["teaching modules, AdamW, float32", "SDPA attention, AdamW, float32",
+                         "fast modules, AdamW, float32", "fast modules, fused AdamW, float32",
+                         "fast modules, fused AdamW, fused CE, float32"]
+    assert any("bf16 autocast" in n for n in names) == bf16
+    for key in ("train", "generate"):
+        base = r[key][0]["tokens_per_s"]
+        for row in r[key]:
+            assert len(row["seconds"]) == 1  # one counted round
+            assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+            assert row["ratio"] == pytest.approx(row["tokens_per_s"] / base)  # of the medians
+            assert f"{row['tokens_per_s']:,.1f}" in printed and row["path"] in printed
+    for row in r["train"]:
+        assert row["gflops"] == pytest.approx(row["tokens_per_s"] * s["flops_per_token"] / 1e9)
+        peak = r["peak_gflops"][row["dtype"]]["median"]
+        assert row["fraction_of_peak"] == pytest.approx(row["gflops"] / peak)
+        assert ("mfu" in row) == (row["dtype"] == "bfloat16")  # against --peak-tflops 1.0
+        if "mfu" in row:
+            assert row["mfu"] == pytest.approx(row["gflops"] / 1e3)
+    gen = {row["path"]: row for row in r["generate"]}
+    assert r["checks"]["greedy_identical_with_cache"] is True
+    if bf16:
+        fast32, fast16 = gen["KV cache, fast modules, float32"], gen["KV cache, fast modules, bf16 weights"]
+        assert r["bf16_generation_vs_float32"] == pytest.approx(
+            fast16["tokens_per_s"] / fast32["tokens_per_s"])
+        assert 0 <= r["checks"]["bf16_weights_greedy_agreement"] <= 8
+    for profiled in r["profile"]:  # groups add up to the step's total
+        assert sum(profiled["groups"].values()) == pytest.approx(profiled["total_ms"])
+        assert profiled["path"] in names
+
+
+def test_benchmark_checks_its_arguments():
+    from utils.cli.benchmark import run_benchmark
     with pytest.raises(ValueError, match="context_length 64"):
         run_benchmark("tiny", context=65, memory=False, progress=False)
+    with pytest.raises(ValueError, match="Unknown model"):
+        run_benchmark("gpt5", memory=False, progress=False)
+
+
+def test_benchmark_chapter5_retrain_quick(tmp_path, mirror_dir):
+    r, printed = _benchmark(tmp_path, "--chapter5", "--quick", "--bf16", "off")
+    assert [run["kind"] for run in r["runs"]] == ["chapter5", "fast"]
+    teaching, fast = r["runs"]
+    assert teaching["label"].startswith("chapter 5: teaching modules")
+    assert len(teaching["evals"]) == len(fast["evals"]) > 3
+    for a, b in zip(teaching["evals"], fast["evals"]):  # the same run in float32, faster code
+        assert (a["step"], a["tokens_seen"]) == (b["step"], b["tokens_seen"])
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=2e-3)
+        assert a["seconds"] <= teaching["wall_seconds"] and b["seconds"] <= fast["wall_seconds"]
+    assert r["time_ratio"] == pytest.approx(fast["wall_seconds"] / teaching["wall_seconds"])
+    assert "fast retrain / chapter 5 wall time" in printed

@@ -37,9 +37,19 @@ written from their notebook's `#| export` cells; hand-written ones say so:
 - `utils.instruct` (notebooks/07_instruction_finetuning.ipynb): ALPACA_PREAMBLE,
   RESPONSE_HEADER, format_input, format_example, split_instruction_data, InstructionDataset,
   custom_collate_fn
+- `utils.dpo` (notebooks/07b_preference_tuning_dpo.ipynb): response_logprobs,
+  PreferenceDataset, preference_collate_fn, pair_logprobs, dpo_loss, frozen_reference,
+  dpo_loss_batch, evaluate_dpo_loader, logprob_margins, train_model_dpo_simple,
+  plot_dpo_history
 - `utils.fast` (notebooks/08_going_faster.ipynb): SDPAttention, FastLayerNorm, FastGELU,
   set_impl, KVCache, forward_with_cache, CachedGPT, bf16_supported, autocast_bf16,
-  fused_adamw, compile_model
+  BF16Linear, bf16_inference_model, fused_adamw, compile_model, fused_cross_entropy,
+  fast_loss_batch, keep_freed_memory, train_model_fast
+- `utils.llama` (notebooks/09_gpt_to_llama.ipynb): RopeScaling, LlamaConfig, LLAMA32_1B,
+  QWEN3_0_6B, LLAMA_TINY, QWEN3_TINY, RMSNorm, rope_frequencies, rope_angles, apply_rope,
+  SwiGLUFeedForward, GroupedQueryAttention, kv_cache_bytes, LlamaBlock, LlamaModel,
+  CachedLlama, config_from_hf, load_hf_weights_into_llama, CHAT_STOP_TOKENS, format_chat,
+  HubTokenizer, PRETRAINED_LLAMAS, load_llama_checkpoint, load_pretrained_llama
 
 Infrastructure, below every chapter:
 
@@ -52,8 +62,8 @@ Infrastructure, below every chapter:
 
 Commands (`python -m utils.cli.NAME`), built on every chapter:
 
-- `utils.cli.benchmark`: Speed of the fast paths against the teaching implementation,
-  measured side by side
+- `utils.cli.benchmark`: Speed of chapter 8's fast paths against the teaching code, measured
+  side by side, and chapter 5's training run retrained with them
 - `utils.cli.bpe_benchmark`: Training and encoding speed of the from-scratch BPE tokenizer
   next to Hugging Face `tokenizers` and tiktoken, measured side by side
 - `utils.cli.chat`: Chat with your instruction-finetuned model in a terminal

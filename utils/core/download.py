@@ -15,8 +15,8 @@ interrupted download never leaves a file that looks finished; the next call cont
 notebooks, DDP ranks) take turns through a lock file: one downloads, the others then find
 the verified copy. With `$LLM_COURSE_OFFLINE=1` the network is never touched. An asset
 that needs an access token (a gated model on the Hugging Face Hub) names an environment
-variable, `HF_TOKEN`; its value is sent as a bearer token to the asset's own address only,
-never to the servers that address redirects to.
+variable, `HF_TOKEN`; its value is sent as a bearer token to the asset's own host only (also
+after a redirect within that host), never to the storage servers the host redirects to.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import shutil
 import time
 import uuid
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
@@ -312,6 +313,20 @@ def _download_with_retries(url: str, part: Path, asset: Asset, progress: bool,
     raise _DownloadError(f"failed after {retries} attempts ({last_error})")
 
 
+class _TokenOnSameHost(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, keeping the access token where the redirect stays on the same host
+    (the Hub moves small files within huggingface.co) and dropping it everywhere else."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        token = req.unredirected_hdrs.get("Authorization")
+        same_host = urllib.parse.urlsplit(newurl).hostname == \
+            urllib.parse.urlsplit(req.full_url).hostname
+        if new is not None and token and same_host:
+            new.add_unredirected_header("Authorization", token)
+        return new
+
+
 def _access_hint(asset: Asset, code: int) -> str:
     """What a refused download of a gated asset means, for the error message."""
     if asset.token_env is None or code not in (401, 403):
@@ -330,9 +345,11 @@ def _stream(url: str, part: Path, asset: Asset, progress: bool, timeout: float) 
         headers["Range"] = f"bytes={start}-"
     request = urllib.request.Request(url, headers=headers)
     token = os.environ.get(asset.token_env, "").strip() if asset.token_env else ""
-    if token:  # unredirected: the storage server the Hub redirects to must not receive it
+    open_url = urllib.request.urlopen
+    if token:  # for this host only: the storage server the Hub redirects to must not see it
         request.add_unredirected_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        open_url = urllib.request.build_opener(_TokenOnSameHost()).open
+    with open_url(request, timeout=timeout) as resp:
         if start and resp.status != 206:  # the server ignored the range: take it all again
             start = 0
         length = resp.headers.get("Content-Length")

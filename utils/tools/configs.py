@@ -5,7 +5,7 @@ and AMX servers. This runs `pytest` on the notebooks once per configuration, eac
 process with the environment below, and prints one line per configuration:
 
     python -m utils.tools.configs                          # every notebook, every configuration
-    python -m utils.tools.configs --only 1-thread avx2     # some configurations
+    python -m utils.tools.configs --only 1-thread --only avx2   # some configurations
     python -m utils.tools.configs notebooks/03_attention.ipynb notebooks/solutions
     python -m utils.tools.configs --mirror ../shared/data  # offline, as CI runs
 
@@ -16,6 +16,9 @@ Configurations (more threads than cores is fine for this purpose):
     4-threads    OMP_NUM_THREADS=4
     avx2         kernels restricted to AVX2, as on an older laptop
     no-vector    ATEN_CPU_CAPABILITY=default: no vector kernels in PyTorch's own operators
+
+and, run only when asked for (`--only avx2-1-thread`, as .ci/run does), one thread with
+AVX2-only kernels.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ CONFIGURATIONS: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "no-vector": {"ATEN_CPU_CAPABILITY": "default"},
+    # not one of the five: the second configuration .ci/run uses (an older laptop, 1 thread)
+    "avx2-1-thread": {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2",
+                      "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
+DEFAULT_RUN = ["default", "1-thread", "4-threads", "avx2", "no-vector"]
 _SUMMARY = re.compile(r"=+ (.*? in [\d.]+s.*?) =+\s*$", re.M)
 
 
@@ -52,7 +59,8 @@ def run_configuration(name: str, targets: list[str], extra_env: dict[str, str] |
                      "MKL_ENABLE_INSTRUCTIONS"):
         if variable not in CONFIGURATIONS[name] and variable not in (extra_env or {}):
             env.pop(variable, None)  # each configuration starts from the machine's default
-    cmd = [sys.executable, "-m", "pytest", "-q", *targets]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-c", str(REPO_ROOT / "pyproject.toml"),
+           "--rootdir", str(REPO_ROOT), *targets]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if verbose or result.returncode != 0:
         sys.stderr.write(result.stdout[-6000:] + result.stderr[-2000:])
@@ -66,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "configurations.")
     parser.add_argument("targets", nargs="*", default=["notebooks"],
                         help="notebooks or folders to test (default: notebooks)")
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), metavar="CONFIG",
-                        help=f"run only these of {', '.join(CONFIGURATIONS)}")
+    parser.add_argument("--only", action="append", choices=list(CONFIGURATIONS), metavar="CONFIG",
+                        help=f"run only this one of {', '.join(CONFIGURATIONS)} (repeatable)")
     parser.add_argument("--mirror", type=Path, help="offline mirror folder (turns offline on)")
     parser.add_argument("--verbose", action="store_true", help="show pytest's output")
     args = parser.parse_args(argv)
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mirror is not None:
         extra = {ENV_MIRROR: str(args.mirror.resolve()), ENV_OFFLINE: "1"}
     results = []
-    for name in args.only or list(CONFIGURATIONS):
+    for name in args.only or DEFAULT_RUN:
         start = time.perf_counter()
         passed, summary = run_configuration(name, args.targets, extra, args.verbose)
         minutes = (time.perf_counter() - start) / 60

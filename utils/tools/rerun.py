@@ -40,7 +40,7 @@ __all__ = ["rerun_notebook", "REMOVE_OUTPUT_TAG"]
 REMOVE_OUTPUT_TAG = "remove-output"
 
 
-def rerun_notebook(path: str | Path, timeout: int = 1800) -> float:
+def rerun_notebook(path: str | Path, timeout: int = 3600) -> float:
     """Execute the notebook at `path` top to bottom and save it with its new outputs.
 
     Returns the wall time in seconds. On an error the file is left untouched.
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Re-execute notebooks and save outputs.")
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--mirror", type=Path, help="offline mirror folder (turns offline on)")
+    parser.add_argument("--timeout", type=int, default=3600,
+                        help="seconds one cell may take (default 3600)")
     args = parser.parse_args(argv)
     os.environ.setdefault(ENV_DEVICE, "cpu")  # the saved outputs are the CPU run's,
     os.environ.setdefault(ENV_QUICK, "1")  # in quick mode, exactly as pytest runs them
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[ENV_OFFLINE] = "1"
     for nb in args.notebooks:
         print(f"running {nb} ...", flush=True)
-        print(f"saved {nb} ({rerun_notebook(nb):.0f} s)", flush=True)
+        print(f"saved {nb} ({rerun_notebook(nb, args.timeout):.0f} s)", flush=True)
     return 0
 
 
