@@ -2,7 +2,7 @@
 chapter 5's training run retrained with them (hand-written command; notebook 08 explains
 the paths).
 
-    python -m utils.cli.benchmark                    # GPT-2 124M, batch 2 x 256 (~15 min on 2 CPU cores)
+    python -m utils.cli.benchmark                    # GPT-2 124M, batch 2 x 256 (~13 min on 2 CPU cores)
     python -m utils.cli.benchmark --quick            # the tiny config: well under a minute
     python -m utils.cli.benchmark --json benchmarks/my-machine.json   # also save the results
     python -m utils.cli.benchmark --chapter5 --json benchmarks/my-machine-chapter5.json
@@ -725,14 +725,15 @@ def run_chapter5_comparison(model: str = "gpt2-small", context: int = 256, epoch
 def format_chapter5(results: dict) -> str:
     """The two runs of chapter 5 as a table: wall time, final and best losses."""
     s, m = results["setup"], results["machine"]
+    width = max(len(run["label"]) for run in results["runs"])
     lines = [f"chapter 5 retrained on {m.get('gpu') or m['cpu']} ({m['cpu_threads']} threads, "
              f"torch {m['torch']}): {s['model']}, context {s['context']}, {s['epochs']} epochs, "
              f"batch {s['batch_size']}",
-             f"{'run':<94} {'wall time':>9} {'final train':>11} {'final val':>9} {'best val':>8}"]
+             f"{'run':<{width}} {'wall time':>9} {'final train':>11} {'final val':>9} {'best val':>8}"]
     for run in results["runs"]:
         last = run["evals"][-1]
         best = min(e["val_loss"] for e in run["evals"])
-        lines.append(f"{run['label']:<94} {run['wall_seconds'] / 60:>5.1f} min "
+        lines.append(f"{run['label']:<{width}} {run['wall_seconds'] / 60:>5.1f} min "
                      f"{last['train_loss']:>11.3f} {last['val_loss']:>9.3f} {best:>8.3f}")
     lines.append(f"fast retrain / chapter 5 wall time: {100 * results['time_ratio']:.0f}%")
     return "\n".join(lines)
