@@ -616,8 +616,9 @@ def plot_results(results: dict, path=None):
             ax.text(r, i + 0.3, f" {r:.2f}x", va="center", fontsize=7)
         ax.set_xlabel(f"speed relative to the first row (bars: median; lines: min-max)")
         ax.set_title(title)
-    fig.suptitle(f"{results['setup']['model']} on {results['machine'].get('gpu') or results['machine']['cpu']}"
-                 f" (orange: bfloat16)", fontsize=9)
+    m = results["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cpu_threads']} threads, ATen {m['cpu_capability']}"
+    fig.suptitle(f"{results['setup']['model']} on {where} (orange: bfloat16)", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
