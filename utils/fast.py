@@ -223,13 +223,14 @@ def _pack_for_cpu(weight: torch.Tensor):
 
 
 class BF16Linear(nn.Linear):
-    """nn.Linear with bfloat16 weights: takes any input, returns bfloat16."""
+    """nn.Linear with bfloat16 weights: takes any input, returns bfloat16. The packed copy
+    is made once from the weight; for new weights, make a new bf16_inference_model."""
 
     packed = None  # the weight packed for the CPU, set by bf16_inference_model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
-        if self.packed is not None:  # oneDNN's product on the packed weight, plus the bias
+        if self.packed is not None and x.is_cpu:  # oneDNN's product on the packed weight
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
