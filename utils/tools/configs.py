@@ -1,10 +1,10 @@
 """Run the notebook tests under several CPU configurations (hand-written maintainer tool).
 
 The saved outputs must hold on every learner's CPU: 1 to 16 threads, AVX2 laptops, AVX-512
-and AMX servers. This runs `pytest` on the notebooks once per configuration, each in a fresh
-process with the environment below, and prints one line per configuration:
+and AMX servers. This runs `pytest` once per configuration, each in a fresh process with the
+environment below, and prints one line per configuration:
 
-    python -m utils.tools.configs                          # every notebook, every configuration
+    python -m utils.tools.configs                          # the whole suite, every configuration
     python -m utils.tools.configs --only 1-thread --only avx2   # some configurations
     python -m utils.tools.configs notebooks/03_attention.ipynb notebooks/solutions
     python -m utils.tools.configs --mirror ../shared/data  # offline, as CI runs
@@ -70,10 +70,11 @@ def run_configuration(name: str, targets: list[str], extra_env: dict[str, str] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the notebook tests under several CPU "
+    parser = argparse.ArgumentParser(description="Run the test suite under several CPU "
                                                  "configurations.")
-    parser.add_argument("targets", nargs="*", default=["notebooks"],
-                        help="notebooks or folders to test (default: notebooks)")
+    parser.add_argument("targets", nargs="*", default=[],
+                        help="test files, notebooks or folders (default: the whole suite, "
+                             "unit tests and every notebook, as plain `pytest` runs it)")
     parser.add_argument("--only", action="append", choices=list(CONFIGURATIONS), metavar="CONFIG",
                         help=f"run only this one of {', '.join(CONFIGURATIONS)} (repeatable)")
     parser.add_argument("--mirror", type=Path, help="offline mirror folder (turns offline on)")
