@@ -1,6 +1,10 @@
 """utils/checkpoint.py: round trips, atomic saves, and clear errors for bad files."""
 
 import dataclasses
+import os
+import signal
+import sys
+import time
 
 import pytest
 import torch
@@ -52,6 +56,29 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, model)
     assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or sys.platform == "win32",
+                    reason="needs POSIX signals")
+def test_ctrl_c_during_a_save_arrives_once_the_file_is_complete(tmp_path, monkeypatch):
+    model, optimizer = trained_pair()
+    real_save = torch.save
+
+    def save_while_ctrl_c(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the learner presses Ctrl-C as the save starts
+        time.sleep(0.05)  # give Python the chance to run its handler in here
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_while_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path / "ckpt.pt", model, optimizer, step=5)
+        assert signal.signal(signal.SIGINT, previous) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert checkpoint_info(tmp_path / "ckpt.pt")["extra"]["step"] == 5  # whole, and renamed
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 

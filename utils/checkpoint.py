@@ -8,6 +8,8 @@ digest of every tensor. What can go wrong, and what this module does about it:
 - a crash or power loss in the middle of a save: the file is written under a temporary name
   unique to the process, flushed to disk (`fsync`), then renamed over the old one, so the
   old checkpoint stays intact until the new one is complete;
+- Ctrl-C (or a notebook's interrupt) in the middle of a save: the interrupt waits until the
+  file is complete and renamed, then arrives as the usual `KeyboardInterrupt`;
 - a file damaged later (a flipped byte, a truncated copy): the digests are checked on load,
   and every malformed file raises `CheckpointError` naming the file;
 - loading into the wrong architecture: the stored config is compared first, and the error
@@ -23,7 +25,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import numbers
+import contextlib
 import os
+import signal
+import threading
 import uuid
 from pathlib import Path
 
@@ -122,16 +127,38 @@ def save_checkpoint(path, model: GPTModel, optimizer=None, **extra) -> Path:
     payload["sha256"] = _digests(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
-        _fsync_folder(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left over if the save failed
+    with _interrupt_after_saving():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
+            _fsync_folder(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)  # only left over if the save failed
     return path
+
+
+@contextlib.contextmanager
+def _interrupt_after_saving():
+    """Hold back Ctrl-C until the block is done, then raise it as KeyboardInterrupt.
+
+    An interrupt that lands inside `torch.save` would otherwise surface as a RuntimeError from
+    its zip writer, or be lost. Signal handlers belong to the main thread, so elsewhere (and
+    where Ctrl-C is ignored or handled by someone else) this changes nothing."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _fsync_folder(folder: Path) -> None:
