@@ -42,7 +42,7 @@ def test_a_declared_tolerance_widens_the_match():
     assert tolerance == Tolerance(rel=0.02)
     assert compare_text(LOG, LOG.replace("6.452", "6.521"), tolerance) == []  # 1.1%
     assert compare_text(LOG, LOG.replace("6.452", "6.652"), tolerance) != []  # 3.1%
-    absolute = parse_tolerance("# NBVAL_TOLERANCE abs=0.5")
+    absolute = parse_tolerance("# NBVAL_TOLERANCE abs=0.5 -- rounded accuracies")
     assert compare_text("accuracy 87.50%", "accuracy 87.90%", absolute) == []
     assert compare_text("accuracy 87.50%", "accuracy 88.10%", absolute) != []
 
@@ -71,6 +71,8 @@ def test_column_alignment_and_sentence_ends():
 def test_bad_markers_are_errors():
     with pytest.raises(ValueError, match="needs rel"):
         parse_tolerance("# NBVAL_TOLERANCE wide please")
+    with pytest.raises(ValueError, match="needs its reason"):
+        parse_tolerance("# NBVAL_TOLERANCE rel=0.5")  # a wider tolerance must say why
     assert parse_tolerance("x = 1  # an ordinary cell") == Tolerance()
 
 

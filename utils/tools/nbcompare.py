@@ -64,13 +64,18 @@ def _last_digit(number: str) -> float:
 
 
 def parse_tolerance(source: str) -> Tolerance:
-    """The tolerance a cell declares with `# NBVAL_TOLERANCE rel=... abs=...` (else default)."""
+    """The tolerance a cell declares with `# NBVAL_TOLERANCE rel=... abs=... -- reason` (else
+    the default); a marker without its reason is an error."""
     for line in source.splitlines():
         text = line.strip()
         if text.startswith("#") and TOLERANCE_MARKER in text:
             settings = dict(re.findall(r"\b(rel|abs)=([0-9.eE+-]+)", text))
             if not settings:
                 raise ValueError(f"{TOLERANCE_MARKER} needs rel=... and/or abs=..., got {text!r}")
+            reason = text.partition(" -- ")[2].strip()
+            if not reason:
+                raise ValueError(f"{TOLERANCE_MARKER} needs its reason after ' -- ' (why the "
+                                 f"numbers of this cell drift), got {text!r}")
             values = {k: float(v) for k, v in settings.items()}
             if any(not math.isfinite(v) or v < 0 for v in values.values()):
                 raise ValueError(f"{TOLERANCE_MARKER} values must be non-negative: {text!r}")
