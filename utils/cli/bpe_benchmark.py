@@ -20,11 +20,18 @@ Encoding: the corpus with GPT-2's merges, by our `BPETokenizer` (with an empty w
 and with the cache left by earlier rounds), tiktoken (`encode_ordinary`) and `tokenizers` (a
 BPE model read from the same two files); all four must give the same token IDs.
 
-How it measures: one warm-up round is not counted; then every round runs each contender
-once, in an order rotated from round to round, so a slow moment of the machine hits all of
-them alike. It prints the median of the rounds and, as "speed", our median divided by the
-row's median (so our rows read 1.00x and 2.00x means twice as fast as ours). Our code and
-tiktoken's encoder run on one thread; `tokenizers` may use several (RAYON_NUM_THREADS).
+How it measures (`utils.core.timing.paired_rounds`): one warm-up round is not counted; then
+every round runs each contender once, in an order rotated from round to round, so a slow
+moment of the machine hits all of them alike. It prints the median of the rounds and, as
+"speed", the row's median rate over ours (so our rows read 1.00x and 2.00x means twice as
+fast as ours). Our code and tiktoken's encoder run on one thread; `tokenizers` may use
+several (RAYON_NUM_THREADS).
+
+The results: `results["train"]` holds one case per corpus and vocabulary size, each with its
+rows by contender key (`ours`, `hf_one_string`, `hf_line_by_line`); `results["encode"]["rows"]`
+by key (`ours_empty_cache`, `ours_warm_cache`, `tiktoken`, `tokenizers`). A row has its
+printed `label`, the seconds of every round, `median_s`, `mb_per_s` (median, min, max) and
+`ratio` (the "speed" column).
 """
 
 from __future__ import annotations
@@ -32,15 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
 
 from utils.bpe import BPETokenizer, bytes_to_unicode, load_gpt2_bpe, train_bpe
 from utils.core.download import fetch
+from utils.core.timing import describe_machine, paired_rounds, rate_table, save_results, timed
 from utils.text import get_gpt2_tokenizer
 
 __all__ = ["COURSE_TEXT_ASSETS", "course_corpus", "run_bpe_benchmark", "format_bpe_results"]
@@ -58,20 +63,23 @@ def course_corpus() -> tuple[str, str]:
     return texts[0], "\n".join(texts)
 
 
-def _timed_rounds(contenders: dict, rounds: int, label: str, progress: bool) -> dict:
-    """One warm-up call of each contender, then `rounds` rounds in rotating order."""
-    names = list(contenders)
-    for name in names:
-        contenders[name]()
-    seconds = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            contenders[name]()
-            seconds[name].append(time.perf_counter() - start)
-        if progress:
-            print(f"  {label}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return seconds
+LABELS = {"ours": "this implementation", "hf_one_string": "tokenizers, one string",
+          "hf_line_by_line": "tokenizers, line by line",
+          "ours_empty_cache": "this implementation, empty word cache",
+          "ours_warm_cache": "this implementation, warm word cache",
+          "tiktoken": "tiktoken", "tokenizers": "tokenizers"}  # the printed names of the rows
+
+
+def _rounds(contenders: dict, rounds: int, label: str, progress: bool) -> dict:
+    """Seconds of each contender (plain functions) over paired rounds, by key."""
+    return paired_rounds({key: timed(fn) for key, fn in contenders.items()}, rounds,
+                         label if progress else None)
+
+
+def _rows(seconds: dict, baseline: str, nbytes: int) -> dict:
+    """One row per contender, by key: its label, the seconds, MB/s and the ratio to ours."""
+    rows = rate_table(seconds, nbytes / 1e6, baseline, "mb_per_s")
+    return {key: {"label": LABELS[key], **row} for key, row in rows.items()}
 
 
 def _hf_train(batches: list[str], vocab_size: int):
@@ -96,14 +104,6 @@ def _our_merges(merges: dict) -> set[tuple[str, str]]:
     return {(spell(a), spell(b)) for a, b in merges}
 
 
-def _rows(seconds: dict, baseline: str, nbytes: int) -> list[dict]:
-    base = statistics.median(seconds[baseline])
-    return [{"name": name, "median_s": statistics.median(times),
-             "mb_per_s": nbytes / 1e6 / statistics.median(times),
-             "speed": base / statistics.median(times), "seconds": times}
-            for name, times in seconds.items()]
-
-
 def _train_case(case: str, text: str, vocab_size: int, rounds: int, progress: bool) -> dict:
     learned = {}
 
@@ -113,13 +113,13 @@ def _train_case(case: str, text: str, vocab_size: int, rounds: int, progress: bo
     def hf_one_string():
         learned["hf"] = _hf_train([text], vocab_size)
 
-    contenders = {"this implementation": ours, "tokenizers, one string": hf_one_string,
-                  "tokenizers, line by line": lambda: _hf_train(text.splitlines(True), vocab_size)}
-    seconds = _timed_rounds(contenders, rounds, f"training {case} to {vocab_size}", progress)
+    contenders = {"ours": ours, "hf_one_string": hf_one_string,
+                  "hf_line_by_line": lambda: _hf_train(text.splitlines(True), vocab_size)}
+    seconds = _rounds(contenders, rounds, f"training {case} to {vocab_size}", progress)
     return {"case": case, "text_bytes": len(text.encode("utf-8")), "vocab_size": vocab_size,
             "merges": len(learned["ours"]),
             "same_merges": _our_merges(learned["ours"]) == _hf_merges(learned["hf"]),
-            "rows": _rows(seconds, "this implementation", len(text.encode("utf-8")))}
+            "rows": _rows(seconds, "ours", len(text.encode("utf-8")))}
 
 
 def _encode_all(text: str, rounds: int, progress: bool) -> dict:
@@ -138,28 +138,19 @@ def _encode_all(text: str, rounds: int, progress: bool) -> dict:
         return run
 
     contenders = {
-        "this implementation, empty word cache": keep("ours", ours.encode, ours.cache.clear),
-        "this implementation, warm word cache": keep("ours, warm", ours.encode),
+        "ours_empty_cache": keep("ours", ours.encode, ours.cache.clear),
+        "ours_warm_cache": keep("ours, warm", ours.encode),
         "tiktoken": keep("tiktoken", tiktoken_gpt2.encode_ordinary),
         "tokenizers": keep("tokenizers", lambda t: hf.encode(t).ids)}
-    seconds = _timed_rounds(contenders, rounds, "encoding", progress)
+    seconds = _rounds(contenders, rounds, "encoding", progress)
     return {"text_bytes": len(text.encode("utf-8")), "tokens": len(ids["tiktoken"]),
             "identical_ids": all(v == ids["tiktoken"] for v in ids.values()),
-            "rows": _rows(seconds, "this implementation, empty word cache", len(text.encode("utf-8")))}
-
-
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            "rows": _rows(seconds, "ours_empty_cache", len(text.encode("utf-8")))}
 
 
 def _machine() -> dict:
-    return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "tiktoken": version("tiktoken"),
+    """The shared machine description, with the versions and thread settings that matter here."""
+    return {**describe_machine("cpu"), "tiktoken": version("tiktoken"),
             "tokenizers": version("tokenizers"), "regex": version("regex"),
             "threads": {var: os.environ.get(var, "unset")
                         for var in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS")},
@@ -187,7 +178,7 @@ def run_bpe_benchmark(story: str | None = None, corpus: str | None = None,
     for case, size, limit in TARGETS:
         for result in train:
             if (result["case"], result["vocab_size"]) == (case, size):
-                median = result["rows"][0]["median_s"]
+                median = result["rows"]["ours"]["median_s"]
                 targets.append({"case": case, "vocab_size": size, "limit_s": limit,
                                 "median_s": median, "met": median < limit})
     return {"machine": machine,
@@ -210,17 +201,17 @@ def format_bpe_results(results: dict) -> str:
              f"speed = our median / the row's median", "",
              f"{'training':<16}{'trainer':<28}{'vocab':>6}{'seconds':>10}{'speed':>9}"]
     for case in results["train"]:
-        for i, row in enumerate(case["rows"]):
-            label = case["case"] if i == 0 else ""
-            lines.append(f"{label:<16}{row['name']:<28}{case['vocab_size']:>6,}"
-                         f"{row['median_s']:>10.3f}{row['speed']:>8.2f}x")
+        for i, row in enumerate(case["rows"].values()):
+            label = case["case"] if i == 0 else ""  # the case's name on its first line
+            lines.append(f"{label:<16}{row['label']:<28}{case['vocab_size']:>6,}"
+                         f"{row['median_s']:>10.3f}{row['ratio']:>8.2f}x")
     lines.append("same set of merges as tokenizers given the same string (ties between equally "
                  "frequent pairs may be broken differently): " + ", ".join(
                      f"{c['case']} {c['vocab_size']:,}: {c['same_merges']}" for c in results["train"]))
     enc = results["encode"]
     lines += ["", f"{'encoding the corpus with GPT-2 merges':<44}{'MB/s':>9}{'speed':>9}"]
-    for row in enc["rows"]:
-        lines.append(f"{row['name']:<44}{row['mb_per_s']:>9.2f}{row['speed']:>8.2f}x")
+    for row in enc["rows"].values():
+        lines.append(f"{row['label']:<44}{row['mb_per_s']['median']:>9.2f}{row['ratio']:>8.2f}x")
     lines.append(f"identical token IDs from all four: {enc['identical_ids']} "
                  f"({enc['tokens']:,} tokens)")
     if results["targets"]:
@@ -246,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                 encode_rounds=args.encode_rounds)
     print(format_bpe_results(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-        print(f"results written to {args.json}")
+        save_results(results, args.json)
     return 0
 
 
