@@ -1,13 +1,18 @@
-"""Shared fixtures: a loopback HTTP server, a network guard, and the offline mirror."""
+"""Shared fixtures: one loopback HTTP server for every test that talks HTTP (downloads, the
+Ollama judge, a gated "Hub"), a network guard, and the offline mirror."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import threading
 import time
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -35,7 +40,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mirror_dir() -> Path:
     """The offline mirror named by $LLM_COURSE_MIRROR (CI sets it to ../shared/data)."""
     value = os.environ.get("LLM_COURSE_MIRROR")
@@ -44,28 +49,65 @@ def mirror_dir() -> Path:
     return Path(value)
 
 
-class FileServer:
+@dataclasses.dataclass
+class Request:
+    """One request the loopback server received."""
+
+    method: str
+    path: str
+    headers: Message  # case-insensitive: headers.get("range") finds "Range"
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+# A handler route answers (status, headers, body); a body that is a list of byte strings is
+# streamed piece by piece with no Content-Length, and the connection closed, as Ollama does.
+Handler = Callable[[Request], "tuple[int, dict[str, str], bytes | list[bytes]]"]
+
+
+class LoopbackServer:
     """A real HTTP server on 127.0.0.1 whose routes the test configures.
 
-    `routes[path] = (status, body, behaviour)` where behaviour is "ok", "drop" (send the
-    headers for the whole body, half the bytes, then close), "no-range" (ignore Range) or
-    "hang" (answer only after 3 seconds). GET and POST are served alike.
-    Every request is recorded in `requests` as (path, Range header or None).
+    `routes[path]` is either a static `(status, body, behaviour)`, where behaviour is "ok",
+    "drop" (send the headers for the whole body, half the bytes, then close), "no-range"
+    (ignore Range) or "hang" (answer only after 3 seconds), or a function that takes the
+    `Request` and returns `(status, headers, body)` (redirects, token checks, streamed
+    replies). Unrouted paths answer 404. GET and POST are served alike. Every request is
+    recorded, in order, in `requests`.
     """
 
     def __init__(self):
-        self.routes: dict[str, tuple[int, bytes, str]] = {}
-        self.requests: list[tuple[str, str | None]] = []
+        self.routes: dict[str, tuple[int, bytes, str] | Handler] = {}
+        self.requests: list[Request] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Served(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's naming)
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                self.do_GET()
+                self.do_GET(self.rfile.read(int(self.headers.get("Content-Length", 0))))
 
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                server.requests.append((self.path, self.headers.get("Range")))
-                status, body, behaviour = server.routes.get(self.path, (404, b"missing", "ok"))
+            def do_GET(self, body: bytes = b""):  # noqa: N802 (http.server's naming)
+                request = Request(self.command, self.path, self.headers, body)
+                server.requests.append(request)
+                route = server.routes.get(self.path, (404, b"missing", "ok"))
+                if callable(route):
+                    self.answer(*route(request))
+                else:
+                    self.serve_static(*route)
+
+            def answer(self, status: int, headers: dict[str, str], body) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for piece in [body] if isinstance(body, bytes) else body:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+
+            def serve_static(self, status: int, body: bytes, behaviour: str) -> None:
                 if behaviour == "hang":
                     time.sleep(3)
                 start = 0
@@ -88,12 +130,13 @@ class FileServer:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Served)
+        self.port = self.httpd.server_port
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
 
     def close(self):
         self.httpd.shutdown()
@@ -101,7 +144,8 @@ class FileServer:
 
 
 @pytest.fixture
-def file_server():
-    server = FileServer()
+def http_server():
+    """A `LoopbackServer` with no routes yet, closed after the test."""
+    server = LoopbackServer()
     yield server
     server.close()

@@ -1,13 +1,12 @@
-"""The chat command: a scripted conversation with a tiny model."""
+"""The chat command: a scripted conversation with a tiny model, streaming through the cache,
+typed special tokens read as text, and one-line errors for bad arguments and a missing model."""
 
 import io
-import os
-import subprocess
-import sys
-from pathlib import Path
 
+import pytest
 import torch
 
+import utils.cli.chat as chat
 from utils.cli.chat import main, stream_response
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.generation import generate
@@ -79,10 +78,40 @@ def test_stream_goes_on_past_the_context_length():
     assert len(list(stream_response(model, list(range(60)), max_new_tokens=30))) == 30
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "utils.cli.chat", "--checkpoint",
-                             str(tmp_path / "none.pt")], capture_output=True, text=True,
-                            input="", timeout=120, cwd=Path(__file__).parent.parent,
-                            env={**os.environ})
-    assert result.returncode == 2
-    assert "No checkpoint at" in result.stderr and "07_instruction_finetuning" in result.stderr
+def test_typed_special_tokens_are_text(tmp_path, mirror_dir, monkeypatch):
+    monkeypatch.setenv("LLM_COURSE_MIRROR", str(mirror_dir))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    prompts = []
+
+    def remember_prompt(model, prompt_ids, *args):
+        prompts.append(prompt_ids)
+        return stream_response(model, prompt_ids, *args)
+
+    monkeypatch.setattr(chat, "stream_response", remember_prompt)
+    out = io.StringIO()
+    code = main(["--checkpoint", str(ckpt), "--max-new-tokens", "3"],
+                stdin=io.StringIO("What is <|endoftext|>?\n"), out=out)
+    assert code == 0 and out.getvalue().rstrip().endswith("Bye.")
+    [prompt] = prompts
+    assert 50256 not in prompt  # not the end-of-text token, which would end the answer at once
+    assert "What is <|endoftext|>?" in get_gpt2_tokenizer().decode(prompt)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--temperature", "nan"], "--temperature must be a number >= 0"),
+    (["--temperature", "-1"], "--temperature must be a number >= 0"),
+    (["--top-k", "0"], "--top-k must be at least 1")])
+def test_bad_arguments_are_one_line_errors_before_loading_anything(args, message, capsys):
+    assert main(["--checkpoint", "/no/such/file.pt", *args], stdin=io.StringIO("")) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert captured.err.count("\n") == 1 and "No checkpoint" not in captured.err
+    assert captured.out == ""
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "none.pt")], stdin=io.StringIO("")) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: No checkpoint at")
+    assert "07_instruction_finetuning" in captured.err and captured.out == ""

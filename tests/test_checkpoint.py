@@ -1,10 +1,14 @@
-"""utils/checkpoint.py: round trips, atomic saves, and clear errors for bad files."""
+"""utils/checkpoint.py: round trips, saves that a crash, a full disk or Ctrl-C cannot damage,
+wrapped models saved plain, and a clear CheckpointError for every damaged or malformed file
+(a flipped bit, a truncated copy, missing or misshapen entries)."""
 
 import dataclasses
 import os
 import signal
+import struct
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -43,18 +47,33 @@ def test_round_trip_restores_outputs_optimizer_and_extra(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no temporary file left
 
 
-def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    model, _ = trained_pair()
-    path = save_checkpoint(tmp_path / "ckpt.pt", model)
-    good = path.read_bytes()
-
+def _interrupted_mid_write(monkeypatch):
     def crash(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # e.g. the learner stops the kernel mid-save
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, model)
+    return KeyboardInterrupt
+
+
+def _disk_full_at_fsync(monkeypatch):
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # the whole file written, not yet on disk
+    return OSError
+
+
+@pytest.mark.parametrize("failure", [_interrupted_mid_write, _disk_full_at_fsync],
+                         ids=["interrupted mid-write", "disk full at fsync"])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
+        tmp_path, monkeypatch, failure):
+    model, optimizer = trained_pair()
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, optimizer, step=1)
+    good = path.read_bytes()
+    error = failure(monkeypatch)
+    with pytest.raises(error):
+        save_checkpoint(path, model, optimizer, step=2)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
@@ -81,13 +100,77 @@ def test_ctrl_c_during_a_save_arrives_once_the_file_is_complete(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-def test_damaged_and_foreign_files_are_clear_errors(tmp_path):
+def test_a_bit_flip_in_tensor_data_is_a_checkpoint_error(tmp_path):
+    model, optimizer = trained_pair()
+    path = save_checkpoint(tmp_path / "ok.pt", model, optimizer)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:  # flip one bit inside a tensor's stored bytes
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 1000)
+    header = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[header + 26:header + 30])
+    start = header + 30 + name_len + extra_len  # after the local file header
+    data[start + info.file_size // 2] ^= 0x10
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="flipped.pt is damaged: the content of 1 tensor"):
+        load_checkpoint(flipped)
+    load_checkpoint(path)  # the original still loads
+
+
+@pytest.mark.parametrize("cut", [0.0, 0.1, 0.5, 0.99])
+def test_a_truncated_checkpoint_is_a_checkpoint_error(tmp_path, cut):
+    model, optimizer = trained_pair()
+    path = save_checkpoint(tmp_path / "ok.pt", model, optimizer)
+    short = tmp_path / "short.pt"
+    short.write_bytes(path.read_bytes()[: int(path.stat().st_size * cut)])
+    with pytest.raises(CheckpointError, match="short.pt is damaged or not a PyTorch checkpoint"):
+        load_checkpoint(short)
+
+
+def test_malformed_checkpoints_are_checkpoint_errors(tmp_path):
+    model, optimizer = trained_pair()
+    path = save_checkpoint(tmp_path / "ok.pt", model, optimizer)
+    payload = torch.load(path, weights_only=True)
+    older = {k: v for k, v in payload.items() if k != "sha256"}  # a format/1 file: no digests
+    older["format"] = "llm-course-checkpoint/1"
+    cases = {"no config": {**payload, "config": None},
+             "bad config": {**older, "config": {**payload["config"], "n_heads": 5}},
+             "digests removed": older | {"format": payload["format"]},
+             "missing tensor": {**older, "model": {k: v for k, v in payload["model"].items()
+                                                  if "out_head" not in k}},
+             "wrong shape": {**older, "model": {**payload["model"],
+                                                "out_head.weight": torch.zeros(3, 3)}}}
+    for name, broken in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.pt"
+        torch.save(broken, bad)
+        with pytest.raises(CheckpointError, match=bad.name):
+            load_checkpoint(bad)
+    other = torch.optim.AdamW(list(GPTModel(CFG).parameters())[:3])  # a different optimizer
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        load_checkpoint(path, optimizer=other)
+
+
+def test_save_unwraps_compiled_and_ddp_models_and_converts_numpy_metadata(tmp_path):
+    import numpy as np
     model, _ = trained_pair()
-    path = save_checkpoint(tmp_path / "ckpt.pt", model)
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="damaged or not a PyTorch checkpoint"):
-        load_checkpoint(truncated)
+    wrapped = torch.nn.parallel.DistributedDataParallel.__new__(
+        torch.nn.parallel.DistributedDataParallel)  # a DDP shell needs no process group
+    torch.nn.Module.__init__(wrapped)
+    wrapped.module = model
+    for outer in (torch.compile(model), wrapped):
+        path = save_checkpoint(tmp_path / "w.pt", outer, step=np.int64(7), loss=np.float32(2.5))
+        keys = list(torch.load(path, weights_only=True)["model"])
+        assert keys == list(model.state_dict())  # no _orig_mod. or module. prefixes
+        assert checkpoint_info(path)["extra"] == {"step": 7, "loss": 2.5}  # plain numbers
+        loaded = load_checkpoint(path)
+        assert torch.equal(loaded.out_head.weight, model.out_head.weight)
+    with pytest.raises(TypeError, match="could not be loaded back"):
+        save_checkpoint(tmp_path / "x.pt", model, callback=print)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_foreign_and_missing_files_are_clear_errors(tmp_path):
+    model, _ = trained_pair()
     plain = tmp_path / "plain.pt"
     torch.save(model.state_dict(), plain)
     with pytest.raises(CheckpointError, match="not a course checkpoint"):

@@ -1,4 +1,5 @@
-"""utils/classify.py: the spam data, the padded dataset, freezing, accuracy, classify_review."""
+"""utils/classify.py: the spam data, the padded dataset, the training loop on a partly frozen
+model, accuracy, classify_review."""
 
 import dataclasses
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from utils.classify import (SpamDataset, calc_accuracy_loader, calc_class_loss_batch,
-                            classify_review, create_balanced_dataset, random_split)
+from utils.classify import (SpamDataset, calc_accuracy_loader, classify_review,
+                            create_balanced_dataset, random_split, train_classifier_simple)
 from utils.model import GPT_TINY, GPTModel
 from utils.text import get_gpt2_tokenizer
 
@@ -46,32 +47,29 @@ def test_message_longer_than_the_context_is_truncated_not_an_error(tmp_path):
         assert model(ds[0][0].unsqueeze(0)).shape == (1, 64, GPT_TINY.vocab_size)
 
 
-def freeze_for_classification(model):
-    for p in model.parameters():
-        p.requires_grad = False
+def test_training_updates_only_the_unfrozen_parameters_and_reports_each_epoch():
+    torch.manual_seed(0)
+    model = GPTModel(dataclasses.replace(GPT_TINY, n_layers=3))
+    for p in model.parameters():  # frozen as notebook 06 does it: all, then a new head,
+        p.requires_grad = False  # the last block and the final norm trainable
     model.out_head = torch.nn.Linear(model.cfg.emb_dim, 2)
     for part in (model.trf_blocks[-1], model.final_norm):
         for p in part.parameters():
             p.requires_grad = True
-    return model
-
-
-def test_freezing_trains_exactly_the_intended_parameters():
-    torch.manual_seed(0)
-    model = freeze_for_classification(GPTModel(dataclasses.replace(GPT_TINY, n_layers=3)))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters()
-                         if n.startswith(("trf_blocks.2.", "final_norm.", "out_head."))}
-    frozen_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    head_before = model.out_head.weight.detach().clone()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    loss = calc_class_loss_batch(torch.randint(0, 100, (4, 10)), torch.tensor([0, 1, 1, 0]),
-                                 model, "cpu")
-    loss.backward()
-    optimizer.step()
-    named = dict(model.named_parameters())
-    assert all(torch.equal(named[n], p) for n, p in frozen_before.items())
-    assert not torch.equal(named["out_head.weight"].detach(), head_before)  # the head trained
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inputs = torch.randint(0, 100, (24, 6))
+    loader = DataLoader(TensorDataset(inputs, inputs[:, -1] % 2), batch_size=4)  # 6 batches
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.1)
+    train_losses, val_losses, train_accs, val_accs, seen = train_classifier_simple(
+        model, loader, loader, optimizer, "cpu", num_epochs=3, eval_freq=4, eval_iter=2,
+        verbose=False)
+    assert seen == 3 * 24  # examples, not tokens
+    assert len(train_losses) == len(val_losses) == 5  # steps 0, 4, 8, 12 and 16 of 18
+    assert len(train_accs) == len(val_accs) == 3  # one per epoch
+    assert train_losses[-1] < train_losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, _ in model.named_parameters()
+                       if n.startswith(("trf_blocks.2.", "final_norm.", "out_head."))}
 
 
 class LastTokenParity(torch.nn.Module):
@@ -93,11 +91,11 @@ def test_accuracy_on_a_hand_made_model_with_a_known_answer():
 
 
 class ParityWithContext(LastTokenParity):
-    """LastTokenParity with the context length that classify_review reads."""
+    """LastTokenParity with a config, where classify_review reads the context length."""
 
     def __init__(self, context_length=64):
         super().__init__()
-        self.pos_emb = torch.nn.Embedding(context_length, 1)
+        self.cfg = dataclasses.replace(GPT_TINY, context_length=context_length)
 
 
 def test_classify_review_reads_the_last_token_after_padding_and_truncation():

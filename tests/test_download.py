@@ -1,16 +1,21 @@
-"""The asset registry and `fetch`: cache, offline mirror, network, and every failure path."""
+"""The asset registry and `fetch`: cache, offline mirror, network, every failure path, a
+hundred fetches of one file at once, and the stamp that spares a cached file rehashing."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
+import os
 import re
+import threading
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from utils.core import assets
+import utils.core.download as download
 from utils.core.paths import REPO_ROOT
 from utils.core.assets import ASSETS, Asset, UnknownAssetError, get_asset
 from utils.core.download import AssetUnavailableError, MirrorNotFoundError, fetch
@@ -34,28 +39,28 @@ def leftovers(folder: Path) -> list[str]:
                   and not (p.name.startswith(".") and p.suffix in (".lock", ".verified")))
 
 
-def test_good_download(monkeypatch, tmp_path, file_server):
-    file_server.routes["/f"] = (200, BODY, "ok")
-    register(monkeypatch, url=file_server.url("/f"))
+def test_good_download(monkeypatch, tmp_path, http_server):
+    http_server.routes["/f"] = (200, BODY, "ok")
+    register(monkeypatch, url=http_server.url("/f"))
     path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
     assert path == tmp_path / "sub" / "test-file.bin"
     assert path.read_bytes() == BODY
     assert leftovers(tmp_path) == ["test-file.bin"]  # no .part or .tmp left
 
 
-def test_checksum_mismatch_is_rejected_and_leaves_nothing(monkeypatch, tmp_path, file_server):
+def test_checksum_mismatch_is_rejected_and_leaves_nothing(monkeypatch, tmp_path, http_server):
     tampered = b"X" + BODY[1:]  # same size, different bytes
-    file_server.routes["/f"] = (200, tampered, "ok")
-    register(monkeypatch, url=file_server.url("/f"))
+    http_server.routes["/f"] = (200, tampered, "ok")
+    register(monkeypatch, url=http_server.url("/f"))
     with pytest.raises(AssetUnavailableError, match="sha256"):
         fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
     assert leftovers(tmp_path) == []
 
 
 def test_dropped_connection_leaves_no_complete_file_then_resumes(monkeypatch, tmp_path,
-                                                                 file_server):
-    file_server.routes["/f"] = (200, BODY, "drop")
-    register(monkeypatch, url=file_server.url("/f"))
+                                                                 http_server):
+    http_server.routes["/f"] = (200, BODY, "drop")
+    register(monkeypatch, url=http_server.url("/f"))
     with pytest.raises(AssetUnavailableError, match="failed after 2 attempts"):
         fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False,
               retries=2)
@@ -64,19 +69,20 @@ def test_dropped_connection_leaves_no_complete_file_then_resumes(monkeypatch, tm
     part = dest.with_name("test-file.bin.part")
     assert 0 < part.stat().st_size < len(BODY)  # only a partial file, named as such
 
-    file_server.routes["/f"] = (200, BODY, "ok")  # the connection is back
-    file_server.requests.clear()
+    http_server.routes["/f"] = (200, BODY, "ok")  # the connection is back
+    http_server.requests.clear()
     path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
     assert path.read_bytes() == BODY
     # each dropped attempt delivered half of what remained (1/2, then 3/4 of the file),
     # and the next download asked only for the rest
-    assert file_server.requests == [("/f", f"bytes={len(BODY) * 3 // 4}-")]
+    assert [(r.path, r.headers.get("Range")) for r in http_server.requests] == \
+        [("/f", f"bytes={len(BODY) * 3 // 4}-")]
     assert leftovers(tmp_path) == ["test-file.bin"]
 
 
-def test_server_that_ignores_range_restarts_cleanly(monkeypatch, tmp_path, file_server):
-    file_server.routes["/f"] = (200, BODY, "no-range")
-    register(monkeypatch, url=file_server.url("/f"))
+def test_server_that_ignores_range_restarts_cleanly(monkeypatch, tmp_path, http_server):
+    http_server.routes["/f"] = (200, BODY, "no-range")
+    register(monkeypatch, url=http_server.url("/f"))
     dest = tmp_path / "sub" / "test-file.bin"
     dest.parent.mkdir(parents=True)
     dest.with_name("test-file.bin.part").write_bytes(b"stale partial bytes")
@@ -84,30 +90,89 @@ def test_server_that_ignores_range_restarts_cleanly(monkeypatch, tmp_path, file_
                  progress=False).read_bytes() == BODY
 
 
-def test_backup_url_used_when_primary_fails(monkeypatch, tmp_path, file_server):
-    file_server.routes["/primary"] = (500, b"server error", "ok")
-    file_server.routes["/backup"] = (200, BODY, "ok")
-    register(monkeypatch, url=file_server.url("/primary"), backup_url=file_server.url("/backup"))
+def _fetch_many(url: str, data_dir: str, threads: int, queue) -> None:
+    """In a child process: register the test asset, then fetch it from several threads."""
+    ASSETS["race"] = Asset("race", "race/file.bin", url, len(BODY), GOOD)
+    results = []
+
+    def one():
+        try:
+            path = fetch("race", data_dir=data_dir, mirror="", offline=False, progress=False)
+            results.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        except Exception as exc:  # reported to the parent, which fails the test
+            results.append(f"{type(exc).__name__}: {exc}")
+
+    workers = [threading.Thread(target=one) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    queue.put(results)
+
+
+def test_100_concurrent_fetches_download_once_and_all_get_the_verified_file(tmp_path, http_server):
+    http_server.routes["/race"] = (200, BODY, "ok")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fetch_many, args=(http_server.url("/race"), str(tmp_path), 10,
+                                                   queue)) for _ in range(10)]
+    for p in procs:
+        p.start()
+    results = [r for _ in procs for r in queue.get(timeout=300)]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(results) == 100
+    assert set(results) == {GOOD}, [r for r in results if r != GOOD][:3]
+    assert [r.path for r in http_server.requests] == ["/race"]  # downloaded once
+    files = sorted(p.name for p in (tmp_path / "race").iterdir())
+    assert files == [".file.bin.lock", ".file.bin.verified", "file.bin"]  # no temporary files
+
+
+def test_a_cache_hit_is_not_rehashed_until_the_file_changes(monkeypatch, tmp_path, http_server):
+    http_server.routes["/f"] = (200, BODY, "ok")
+    register(monkeypatch, url=http_server.url("/f"))
+    path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    hashed = []
+    real = download._sha256
+    monkeypatch.setattr(download, "_sha256", lambda p: hashed.append(p) or real(p))
+    assert fetch("test-file", data_dir=tmp_path, mirror="", offline=True) == path
+    assert hashed == []  # the stamp vouched for it
+    fetch("test-file", data_dir=tmp_path, mirror="", offline=True, verify=True)
+    assert hashed == [path]  # asked to verify: hashed
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1  # damaged on disk: same size, new modification time
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.warns(UserWarning, match="was damaged"):
+        fetched = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    assert fetched.read_bytes() == BODY  # fetched again
+    assert path.with_name("test-file.bin.corrupt").read_bytes() == bytes(data)  # kept aside
+
+
+def test_backup_url_used_when_primary_fails(monkeypatch, tmp_path, http_server):
+    http_server.routes["/primary"] = (500, b"server error", "ok")
+    http_server.routes["/backup"] = (200, BODY, "ok")
+    register(monkeypatch, url=http_server.url("/primary"), backup_url=http_server.url("/backup"))
     path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False,
                  retries=2)
     assert path.read_bytes() == BODY
-    assert [p for p, _ in file_server.requests] == ["/primary", "/primary", "/backup"]
+    assert [r.path for r in http_server.requests] == ["/primary", "/primary", "/backup"]
 
 
-def test_client_error_is_not_retried(monkeypatch, tmp_path, file_server):
-    register(monkeypatch, url=file_server.url("/gone"))  # unrouted: 404
+def test_client_error_is_not_retried(monkeypatch, tmp_path, http_server):
+    register(monkeypatch, url=http_server.url("/gone"))  # unrouted: 404
     with pytest.raises(AssetUnavailableError, match="HTTP 404"):
         fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
-    assert len(file_server.requests) == 1
+    assert len(http_server.requests) == 1
 
 
-def test_cached_file_is_reused_without_network(monkeypatch, tmp_path, file_server, no_network):
-    register(monkeypatch, url=file_server.url("/f"))  # unrouted, and never asked
+def test_cached_file_is_reused_without_network(monkeypatch, tmp_path, http_server, no_network):
+    register(monkeypatch, url=http_server.url("/f"))  # unrouted, and never asked
     cached = tmp_path / "sub" / "test-file.bin"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(BODY)
     assert fetch("test-file", data_dir=tmp_path, mirror="", offline=False) == cached
-    assert file_server.requests == []
+    assert http_server.requests == []
 
 
 def test_no_network_and_no_mirror_gives_a_clear_error(monkeypatch, tmp_path):
@@ -172,7 +237,7 @@ def test_missing_mirror_folder_is_a_clear_error(monkeypatch, tmp_path):
 def test_unknown_asset_name_suggests_the_right_one():
     with pytest.raises(UnknownAssetError, match="Did you mean 'the-verdict'"):
         get_asset("the-verdikt")
-    with pytest.raises(UnknownAssetError, match="Known assets: the-verdict"):
+    with pytest.raises(UnknownAssetError, match="Choose one of: the-verdict"):
         fetch("nothing-like-it")
 
 
@@ -184,18 +249,18 @@ def _zip_with(member: str, data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def test_zip_asset_extracts_its_member(monkeypatch, tmp_path, file_server):
-    file_server.routes["/a.zip"] = (200, _zip_with("SMSSpamCollection", BODY), "ok")
-    register(monkeypatch, filename="spam.tsv", url=file_server.url("/a.zip"),
+def test_zip_asset_extracts_its_member(monkeypatch, tmp_path, http_server):
+    http_server.routes["/a.zip"] = (200, _zip_with("SMSSpamCollection", BODY), "ok")
+    register(monkeypatch, filename="spam.tsv", url=http_server.url("/a.zip"),
              archive_member="SMSSpamCollection")
     path = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
     assert path.read_bytes() == BODY
     assert leftovers(tmp_path) == ["spam.tsv"]  # the zip itself is not kept
 
 
-def test_zip_without_the_member_is_rejected(monkeypatch, tmp_path, file_server):
-    file_server.routes["/a.zip"] = (200, _zip_with("other-name", BODY), "ok")
-    register(monkeypatch, filename="spam.tsv", url=file_server.url("/a.zip"),
+def test_zip_without_the_member_is_rejected(monkeypatch, tmp_path, http_server):
+    http_server.routes["/a.zip"] = (200, _zip_with("other-name", BODY), "ok")
+    register(monkeypatch, filename="spam.tsv", url=http_server.url("/a.zip"),
              archive_member="SMSSpamCollection")
     with pytest.raises(AssetUnavailableError, match="holds no 'SMSSpamCollection'"):
         fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
@@ -227,3 +292,43 @@ def test_mirror_copies_match_the_registry(mirror_dir, tmp_path, no_network):
         path = fetch(asset.name, data_dir=tmp_path, mirror=mirror_dir, offline=True,
                      progress=False)
         assert path.stat().st_size == asset.size
+
+
+def test_the_download_limit_refuses_large_files_but_uses_local_copies(monkeypatch, tmp_path,
+                                                                      http_server):
+    http_server.routes["/f"] = (200, BODY, "ok")
+    register(monkeypatch, url=http_server.url("/f"))  # 4.2 MB
+    monkeypatch.setenv("LLM_COURSE_MAX_DOWNLOAD_MB", "4")
+    with pytest.raises(AssetUnavailableError, match=r"the file is 4 MB and "
+                       r"\$LLM_COURSE_MAX_DOWNLOAD_MB=4 allows downloads up to 4 MB(.|\n)*"
+                       r"unset LLM_COURSE_MAX_DOWNLOAD_MB to allow this download"):
+        fetch("test-file", data_dir=tmp_path / "cache", mirror="", offline=False)
+    assert http_server.requests == []  # not even asked
+    monkeypatch.setenv("LLM_COURSE_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLM_COURSE_MIRROR", "")
+    monkeypatch.delenv("LLM_COURSE_OFFLINE", raising=False)
+    assert download.fetch_refusal("test-file") == (
+        "sub/test-file.bin is not on this machine and the file is 4 MB and "
+        "$LLM_COURSE_MAX_DOWNLOAD_MB=4 allows downloads up to 4 MB")
+    mirror = tmp_path / "mirror"
+    (mirror / "sub").mkdir(parents=True)
+    (mirror / "sub" / "test-file.bin").write_bytes(BODY)
+    assert fetch("test-file", data_dir=tmp_path / "cache", mirror=mirror).read_bytes() == BODY
+    monkeypatch.setenv("LLM_COURSE_MAX_DOWNLOAD_MB", "5")  # big enough: downloaded
+    assert fetch("test-file", data_dir=tmp_path / "other", mirror="", offline=False,
+                 progress=False).read_bytes() == BODY
+
+
+def test_the_test_settings_never_download_model_weights(monkeypatch, tmp_path):
+    from utils.core.runinfo import SAVED_OUTPUT_SETTINGS
+    monkeypatch.setenv("LLM_COURSE_DATA", str(tmp_path))  # nothing cached
+    monkeypatch.setenv("LLM_COURSE_MIRROR", "")
+    monkeypatch.delenv("LLM_COURSE_OFFLINE", raising=False)  # online
+    for name, value in SAVED_OUTPUT_SETTINGS.items():
+        monkeypatch.setenv(name, value)
+    weights = [a.name for a in ASSETS.values() if a.size is None or a.size > 100e6]
+    assert len(weights) >= 6  # GPT-2 in four sizes, Qwen3-0.6B, Llama 3.2 1B
+    for name in weights:
+        assert "allows downloads up to 100 MB" in download.fetch_refusal(name), name  # or size
+        # unknown (GPT-2 large and XL): under a limit, only a known size is fetched
+    assert download.fetch_refusal("the-verdict") is None  # small files still download

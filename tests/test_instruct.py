@@ -1,9 +1,13 @@
-"""utils/instruct.py: the prompt format, the collate function and the data split."""
+"""utils/instruct.py: the prompt format, the collate function (whose masked targets chapter 5's
+loss skips), the data split, and the dataset, which reads typed special tokens as text."""
 
 import torch
 
 from utils.instruct import (InstructionDataset, custom_collate_fn, format_example, format_input,
                             split_instruction_data)
+from utils.model import GPT_TINY, GPTModel
+from utils.text import get_gpt2_tokenizer
+from utils.train import calc_loss_batch
 
 PREAMBLE = ("Below is an instruction that describes a task. Write a response that "
             "appropriately completes the request.")
@@ -36,13 +40,20 @@ def test_collate_truncates_to_the_allowed_length_and_uses_custom_ids():
     assert targets.tolist() == [[1, 2, 3], [6, 99, -1]]
 
 
-def test_masked_targets_are_ignored_by_cross_entropy():
-    logits = torch.randn(2, 5, 10)
-    _, targets = custom_collate_fn([[1, 2, 3, 4, 5], [6, 7]], pad_token_id=9)
-    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    kept = targets.flatten() != -100
-    manual = torch.nn.functional.cross_entropy(logits.flatten(0, 1)[kept], targets.flatten()[kept])
-    torch.testing.assert_close(full, manual)
+def test_chapter_5_loss_ignores_what_the_collate_function_masks():
+    torch.manual_seed(0)
+    model = GPTModel(GPT_TINY).eval()
+    inputs, targets = custom_collate_fn([[1, 2, 3, 4, 5], [6, 7]])
+    with torch.no_grad():
+        loss = calc_loss_batch(inputs, targets, model, "cpu")  # what chapter 7 trains with
+        logits = model(inputs)
+        kept = targets != -100
+        by_hand = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
+        torch.testing.assert_close(loss, by_hand)
+        padded = inputs.clone()
+        padded[1, 2:] = 99  # the padding after the end token predicts only masked targets
+        torch.testing.assert_close(calc_loss_batch(padded, targets, model, "cpu"), loss,
+                                   rtol=1e-6, atol=0)
 
 
 def test_split_sizes_of_the_course_data():
@@ -61,3 +72,12 @@ def test_dataset_tokenizes_the_full_example():
     entry = {"instruction": "Hi", "input": "", "output": "Hello"}
     ds = InstructionDataset([entry], Chars())
     assert len(ds) == 1 and ds[0] == [ord(c) for c in format_example(entry)]
+
+
+def test_typed_special_tokens_are_text(mirror_dir, monkeypatch):
+    monkeypatch.setenv("LLM_COURSE_MIRROR", str(mirror_dir))
+    tokenizer = get_gpt2_tokenizer()
+    entry = {"instruction": "Repeat <|endoftext|> twice.", "input": "", "output": "<|endoftext|>"}
+    ids = InstructionDataset([entry], tokenizer)[0]
+    assert 50256 not in ids  # the collate function adds the one real end-of-text token
+    assert tokenizer.decode(ids) == format_example(entry)

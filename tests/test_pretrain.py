@@ -1,15 +1,27 @@
-"""The pretraining command: single process, exact resume, two processes under torchrun (DDP),
-and a one-line error for every bad argument before any training starts."""
+"""The pretraining command: weight decay on the matrices only, exact resume, a one-line error
+for every bad argument before any training starts, two processes under torchrun (DDP), and
+Ctrl-C. Most runs call `main()` in this process, on the CPU with one thread, as the command's
+subprocesses run; torchrun, Ctrl-C and one bad argument on a real command line need a fresh
+process."""
 
+import contextlib
+import io
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from utils.checkpoint import checkpoint_info
+import utils.cli.pretrain as pretrain_cli
+from utils.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
+from utils.cli.pretrain import build_optimizer, main
+from utils.core.paths import REPO_ROOT
+from utils.train import format_log_line
 
 TINY_RUN = ["--config", "tiny", "--context-length", "32", "--batch-size", "4",
             "--lr", "2e-3", "--eval-freq", "10", "--eval-iter", "2", "--drop-rate", "0.1"]
@@ -17,117 +29,273 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
             "-m"]
 
 
-def run(args, tmp_path, mirror_dir, launcher=(sys.executable, "-m"), ok=True):
-    env = {**os.environ, "LLM_COURSE_MIRROR": str(mirror_dir), "LLM_COURSE_OFFLINE": "1",
-           "LLM_COURSE_DATA": str(tmp_path / "data"), "CUDA_VISIBLE_DEVICES": "",
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, "utils.cli.pretrain", *args], capture_output=True, text=True,
-                            env=env, timeout=300, cwd=Path(__file__).parent.parent)
-    if ok:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result if not ok else result.stdout
-
-
-def losses(log):
-    return [float(x) for x in re.findall(r"Train loss (\d+\.\d+)", log)]
+def history(folder: Path) -> list[dict]:
+    """The evaluations the run recorded in its checkpoint (chapter 5's records), all so far."""
+    return checkpoint_info(folder / "latest.pt")["extra"]["history"]
 
 
 def fingerprints(log):
     return dict(re.findall(r"rank (\d) weights ([0-9a-f]{16})", log))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def verdict(mirror_dir):
     return str(mirror_dir / "the-verdict.txt")
 
 
-def test_two_processes_stay_in_sync_and_learn(tmp_path, mirror_dir, verdict):
-    log = run(["--data", verdict, "--epochs", "3", "--out", str(tmp_path / "ddp"),
-               "--check-sync", *TINY_RUN], tmp_path, mirror_dir, launcher=TORCHRUN)
-    assert "2 process(es) on cpu" in log
-    prints = fingerprints(log)
-    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"]
-    first, last = losses(log)[0], losses(log)[-1]
-    assert last < first - 1.0, log
-    assert (tmp_path / "ddp" / "latest.pt").is_file()
-    states = checkpoint_info(tmp_path / "ddp" / "latest.pt")["extra"]["rng_states"]
-    assert len(states) == 2  # each rank draws its own dropout masks, so their states differ
-    assert not (states[0]["cpu"] == states[1]["cpu"]).all()
+# --- in this process --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrain(mirror_dir, tmp_path_factory):
+    """Run the command in this process, as its subprocesses run: offline, on the CPU, with one
+    thread; returns what it printed. This process's threads and random state are restored."""
+    threads, rng_state = torch.get_num_threads(), torch.get_rng_state()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLM_COURSE_MIRROR", str(mirror_dir))
+        patch.setenv("LLM_COURSE_OFFLINE", "1")
+        patch.setenv("LLM_COURSE_DATA", str(tmp_path_factory.mktemp("data")))
+        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process, not under torchrun
+            patch.delenv(name, raising=False)
+        patch.setattr(torch.cuda, "is_available", lambda: False)  # CUDA_VISIBLE_DEVICES=""
+        patch.setattr(pretrain_cli, "keep_freed_memory", lambda: True)  # pytest's malloc as is
+        torch.set_num_threads(1)  # OMP_NUM_THREADS=1
+
+        def run(*args: str) -> str:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert main([str(a) for a in args]) == 0
+            return printed.getvalue()
+
+        try:
+            yield run
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_rng_state(rng_state)
 
 
-@pytest.mark.parametrize("stop", [["--epochs", "1"], ["--max-steps", "25"]],
-                         ids=["at an epoch boundary", "in the middle of an epoch"])
-def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, mirror_dir, verdict,
-                                                                   stop):
-    whole = run(["--data", verdict, "--epochs", "2", "--out", str(tmp_path / "whole"),
-                 "--check-sync", *TINY_RUN], tmp_path, mirror_dir)
-    part = ["--data", verdict, "--out", str(tmp_path / "part"), *TINY_RUN]
-    run([*part, "--epochs", "2", *stop] if stop[0] == "--max-steps" else [*part, *stop],
-        tmp_path, mirror_dir)
-    resumed = run([*part, "--epochs", "2", "--resume", "--check-sync"], tmp_path, mirror_dir)
+@pytest.fixture(scope="module")
+def one_epoch(pretrain, verdict, tmp_path_factory) -> Path:
+    """The checkpoint folder of a one-epoch run; tests resume from a copy of it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    pretrain("--data", verdict, "--epochs", "1", "--out", out, *TINY_RUN)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_epochs(pretrain, verdict, tmp_path_factory) -> tuple[str, Path]:
+    """What an uninterrupted two-epoch run printed (with its weights' fingerprint), and its
+    checkpoint folder."""
+    out = tmp_path_factory.mktemp("two_epochs")
+    printed = pretrain("--data", verdict, "--epochs", "2", "--out", out, "--check-sync",
+                       *TINY_RUN)
+    return printed, out
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "run"))
+
+
+def steps_done(folder: Path) -> int:
+    return checkpoint_info(folder / "latest.pt")["extra"]["step"]
+
+
+def assert_decays_matrices_only(model, optimizer, weight_decay):
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    in_groups = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(in_groups) == sorted(id(p) for p in model.parameters())  # each exactly once
+    decayed = set()
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            assert groups[id(p)]["weight_decay"] == weight_decay, name
+            decayed.add(name)
+        else:
+            assert groups[id(p)]["weight_decay"] == 0.0, name
+            assert name.endswith((".bias", ".scale", ".shift")), name  # biases, LayerNorms
+    assert {"tok_emb.weight", "pos_emb.weight", "out_head.weight",
+            "trf_blocks.0.att.W_query.weight", "trf_blocks.1.ff.layers.2.weight"} <= decayed
+
+
+def test_weight_decay_reaches_the_matrices_only_also_when_resume_changes_it(
+        pretrain, verdict, one_epoch, tmp_path, monkeypatch):
+    built = []
+
+    def remember(model, lr, weight_decay):
+        built.append((model, build_optimizer(model, lr, weight_decay)))
+        return built[-1][1]
+
+    monkeypatch.setattr(pretrain_cli, "build_optimizer", remember)
+    pretrain("--data", verdict, "--out", tmp_path / "fresh", *TINY_RUN, "--max-steps", "1",
+             "--weight-decay", "0.2")
+    assert_decays_matrices_only(*built[-1], weight_decay=0.2)
+    out = copy_of(one_epoch, tmp_path)  # saved with the default --weight-decay 0.1
+    pretrain("--data", verdict, "--out", out, *TINY_RUN, "--epochs", "2", "--resume",
+             "--max-steps", steps_done(out) + 1, "--weight-decay", "0.3", "--lr", "1e-4")
+    model, optimizer = built[-1]
+    assert_decays_matrices_only(model, optimizer, weight_decay=0.3)
+    saved = torch.load(out / "latest.pt", weights_only=True)
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [0.3, 0.0]
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-4, 1e-4]
+    assert saved["extra"]["settings"]["lr"] == 1e-4
+    assert saved["extra"]["settings"]["weight_decay"] == 0.3
+
+
+@pytest.mark.parametrize("stop", ["epoch boundary", "middle of an epoch"])
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(pretrain, verdict, one_epoch,
+                                                                   two_epochs, tmp_path, stop):
+    out = copy_of(one_epoch, tmp_path)  # stopped after epoch 1
+    run = ["--data", verdict, "--out", out, *TINY_RUN, "--epochs", "2", "--check-sync"]
+    if stop == "middle of an epoch":  # resumed, and stopped again 10 batches into epoch 2
+        pretrain(*run, "--resume", "--max-steps", steps_done(out) + 10)
+        extra = checkpoint_info(out / "latest.pt")["extra"]
+        assert (extra["epoch"], extra["batch_in_epoch"]) == (1, 10)
+    resumed = pretrain(*run, "--resume")
     assert "resuming from" in resumed
-    assert fingerprints(resumed)["0"] == fingerprints(whole)["0"]  # bit for bit
-    assert losses(resumed)[-1] == losses(whole)[-1]
+    whole_log, whole = two_epochs
+    assert fingerprints(resumed)["0"] == fingerprints(whole_log)["0"]  # bit for bit
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert strip(history(out)) == strip(history(whole))  # every evaluation, resumed or not
+    logged = [line for line in resumed.splitlines() if line.startswith("Ep ")]
+    assert logged == [format_log_line(r) for r in history(out)][-len(logged):]
 
 
-def test_ddp_resume_ends_with_the_same_weights(tmp_path, mirror_dir, verdict):
-    whole = run(["--data", verdict, "--epochs", "2", "--out", str(tmp_path / "whole"),
-                 "--check-sync", *TINY_RUN], tmp_path, mirror_dir, launcher=TORCHRUN)
-    part = ["--data", verdict, "--out", str(tmp_path / "part"), "--check-sync", *TINY_RUN]
-    run([*part, "--epochs", "1"], tmp_path, mirror_dir, launcher=TORCHRUN)
-    resumed = run([*part, "--epochs", "2", "--resume"], tmp_path, mirror_dir, launcher=TORCHRUN)
-    assert fingerprints(resumed) == fingerprints(whole)
-
-
-def test_resume_honours_a_new_learning_rate(tmp_path, mirror_dir, verdict):
-    out = ["--data", verdict, "--out", str(tmp_path / "run"), *TINY_RUN]
-    run([*out, "--epochs", "1"], tmp_path, mirror_dir)
-    run([*out, "--epochs", "2", "--resume", "--lr", "1e-4"], tmp_path, mirror_dir)
-    settings = checkpoint_info(tmp_path / "run" / "latest.pt")["extra"]["settings"]
-    assert settings["lr"] == 1e-4
-
+# --- bad arguments: one line, before any work -------------------------------------------------
 
 BAD_ARGUMENTS = {
     "--eval-freq 0": (["--eval-freq", "0"], "--eval-freq must be at least 1"),
     "--batch-size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "--epochs 0": (["--epochs", "0"], "--epochs must be at least 1"),
+    "--max-steps 0": (["--max-steps", "0"], "--max-steps must be at least 1"),
     "--lr -1": (["--lr", "-1"], "--lr must be a positive number"),
     "--lr nan": (["--lr", "nan"], "--lr must be a positive number"),
+    "--weight-decay -0.1": (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     "--save-every -2": (["--save-every", "-2"], "--save-every must be 0"),
     "--drop-rate 1.5": (["--drop-rate", "1.5"], "--drop-rate must be in"),
+    "--context-length 65": (["--context-length", "65"], "longer than the tiny config's 64"),
     "unwritable --out": (["--out", "/proc/no-such-folder"], "cannot write checkpoints to"),
     "--resume without a checkpoint": (["--resume"], "no checkpoint at"),
     "missing --data": (["--data", "/no/such/file.txt"], "no file or folder at"),
+    "latin-1 --data": (["--data", "{latin1}"], "latin1.txt is not UTF-8 text (byte 3 is 0xe9)"),
+    "too short --data": (["--data", "{short}"], "one input/target window needs"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
-def test_bad_arguments_are_one_line_errors_before_any_work(case, tmp_path, mirror_dir, verdict):
-    extra, message = BAD_ARGUMENTS[case]
-    args = ["--data", verdict, "--out", str(tmp_path / "out"), *TINY_RUN, *extra]
-    result = run(args, tmp_path, mirror_dir, ok=False)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
-    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
-    assert "Ep 1" not in result.stdout  # no training happened
+def refuse_to_work(monkeypatch):
+    """Make building the model and optimizer (the start of any work) fail the test."""
+    def work(*args, **kwargs):
+        raise AssertionError("the command started work before finding the bad argument")
+
+    monkeypatch.setattr(pretrain_cli, "_Run", work)
 
 
-def test_latin1_corpus_and_short_text_name_the_problem(tmp_path, mirror_dir):
-    latin = tmp_path / "latin1.txt"
-    latin.write_bytes("Caf\xe9 au lait. ".encode("latin-1") * 50)
-    result = run(["--data", str(latin), *TINY_RUN], tmp_path, mirror_dir, ok=False)
-    assert result.returncode != 0 and "latin1.txt is not UTF-8 text" in result.stderr
-    short = tmp_path / "short.txt"
-    short.write_text("Far too short to train on.")
-    result = run(["--data", str(short), *TINY_RUN], tmp_path, mirror_dir, ok=False)
-    assert result.returncode != 0 and "one input/target window needs" in result.stderr
+def usage_error(pretrain, *args) -> str:
+    """The one line a refused command ends with (Python prints it to stderr, status 1)."""
+    with pytest.raises(SystemExit) as stop:
+        pretrain(*args)
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    return message
 
 
-def test_resume_with_a_different_batch_size_is_refused(tmp_path, mirror_dir, verdict):
-    out = ["--data", verdict, "--out", str(tmp_path / "run"), *TINY_RUN]
-    run([*out, "--epochs", "1"], tmp_path, mirror_dir)
-    result = run([*out, "--epochs", "2", "--resume", "--batch-size", "2"], tmp_path, mirror_dir,
-                 ok=False)
-    assert result.returncode != 0 and "batch_size (saved 4, now 2)" in result.stderr
-    done = run([*out, "--epochs", "1", "--resume"], tmp_path, mirror_dir, ok=False)
-    assert "has already trained 1 epoch(s)" in done.stderr
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_one_line_errors_before_any_work(case, pretrain, verdict, tmp_path,
+                                                           monkeypatch, capsys):
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait. ".encode("latin-1") * 50)
+    (tmp_path / "short.txt").write_text("Far too short to train on.")
+    extra, expected = BAD_ARGUMENTS[case]
+    extra = [a.format(latin1=tmp_path / "latin1.txt", short=tmp_path / "short.txt")
+             for a in extra]
+    refuse_to_work(monkeypatch)
+    message = usage_error(pretrain, "--data", verdict, "--out", tmp_path / "out", *TINY_RUN,
+                          *extra)
+    assert expected in message, message
+    assert not (tmp_path / "out" / "latest.pt").exists()  # no checkpoint written
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--epochs", "2", "--batch-size", "2"], "batch_size (saved 4, now 2)"),
+    (["--epochs", "2", "--config", "gpt2-small"], "config (saved 'tiny', now 'gpt2-small')"),
+    (["--epochs", "1"], "has already trained 1 epoch(s)")])
+def test_a_resume_that_cannot_continue_is_refused_before_any_work(change, expected, pretrain,
+                                                                  verdict, one_epoch, tmp_path,
+                                                                  monkeypatch):
+    out = copy_of(one_epoch, tmp_path)
+    saved = (out / "latest.pt").read_bytes()
+    refuse_to_work(monkeypatch)
+    message = usage_error(pretrain, "--data", verdict, "--out", out, *TINY_RUN, "--resume",
+                          *change)
+    assert expected in message, message
+    assert (out / "latest.pt").read_bytes() == saved  # the checkpoint left as it was
+
+
+def test_a_checkpoint_whose_optimizer_does_not_fit_is_refused_in_one_line(pretrain, verdict,
+                                                                          one_epoch, tmp_path):
+    out = copy_of(one_epoch, tmp_path)
+    info = checkpoint_info(out / "latest.pt")
+    model = load_checkpoint(out / "latest.pt")
+    one_group = torch.optim.AdamW(model.parameters())  # as saved before the decay groups
+    save_checkpoint(out / "latest.pt", model, one_group, **info["extra"])
+    message = usage_error(pretrain, "--data", verdict, "--out", out, *TINY_RUN, "--resume",
+                          "--epochs", "2")
+    assert "cannot resume" in message and "optimizer state does not fit" in message
+    assert "start afresh with another --out" in message.lower()
+
+
+# --- fresh processes --------------------------------------------------------------------------
+
+def command_line(args, tmp_path, mirror_dir, launcher=(sys.executable, "-m"), **popen):
+    """`python -m utils.cli.pretrain ARGS` (or under torchrun), offline, CPU, one thread."""
+    env = {**os.environ, "LLM_COURSE_MIRROR": str(mirror_dir), "LLM_COURSE_OFFLINE": "1",
+           "LLM_COURSE_DATA": str(tmp_path / "data"), "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [*launcher, "utils.cli.pretrain", *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, text=True, **popen)
+    return subprocess.run(cmd, env=env, cwd=REPO_ROOT, text=True, capture_output=True,
+                          timeout=300)
+
+
+def test_a_bad_argument_on_the_command_line_prints_one_line(tmp_path, mirror_dir, verdict):
+    result = command_line(["--data", verdict, "--out", tmp_path / "out", *TINY_RUN,
+                           "--lr", "0"], tmp_path, mirror_dir)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "error: --lr must be a positive number, got 0.0\n"
+
+
+def test_two_processes_stay_in_sync_learn_and_resume_exactly(tmp_path, mirror_dir, verdict):
+    def torchrun(*args):
+        result = command_line(["--data", verdict, "--check-sync", *TINY_RUN, *args], tmp_path,
+                              mirror_dir, launcher=TORCHRUN)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    whole = torchrun("--epochs", "2", "--out", tmp_path / "whole")
+    assert "2 process(es) on cpu" in whole
+    prints = fingerprints(whole)
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"]  # replicas stay identical
+    evaluations = history(tmp_path / "whole")
+    assert evaluations[-1]["train_loss"] < evaluations[0]["train_loss"] - 1.0, whole  # learns
+    states = checkpoint_info(tmp_path / "whole" / "latest.pt")["extra"]["rng_states"]
+    assert len(states) == 2  # each rank draws its own dropout masks, so their states differ
+    assert not (states[0]["cpu"] == states[1]["cpu"]).all()
+    torchrun("--epochs", "2", "--max-steps", "20", "--out", tmp_path / "part")  # mid-epoch 2
+    resumed = torchrun("--epochs", "2", "--resume", "--out", tmp_path / "part")
+    assert fingerprints(resumed) == prints  # bit for bit, on both ranks
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, a POSIX signal")
+def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path, mirror_dir, verdict):
+    proc = command_line(
+        ["--data", verdict, "--config", "tiny", "--context-length", "32", "--batch-size", "4",
+         "--epochs", "500", "--save-every", "5", "--eval-freq", "5", "--out", tmp_path / "run"],
+        tmp_path, mirror_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # as in a terminal: a test run started in the background inherits an ignored Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stdout:  # wait until a checkpoint has been written
+        if "(Step 000010)" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted at step" in err and "continue with --resume" in err
+    assert str(tmp_path / "run" / "latest.pt") in err
+    load_checkpoint(tmp_path / "run" / "latest.pt")  # what it points at is whole

@@ -6,7 +6,11 @@ kernels, fused AdamW, the fused cross-entropy, bfloat16 where the hardware has i
 Linux CPU the allocator told to keep freed memory). It saves `OUT/latest.pt` after
 every epoch (and every `--save-every` steps), and `--resume` continues from it exactly: the
 weights, the optimizer, the data order and the random number generators are all restored, so
-an interrupted and resumed run ends with the same weights as an uninterrupted one.
+an interrupted and resumed run ends with the same weights as an uninterrupted one. Every
+evaluation is printed as chapter 5's log line and kept as one of its `TrainingHistory`
+records, which the checkpoint carries (`checkpoint_info(path)["extra"]["history"]`) and a
+resumed run continues; read those rather than the printed lines. The optimizer decays the
+weight matrices only (embeddings included), not biases and LayerNorm parameters.
 
 Launched with `torchrun`, every process trains a replica on its own shard of the batches
 (`DistributedSampler`) and `DistributedDataParallel` averages the gradients, so all replicas
@@ -44,9 +48,9 @@ from utils.fast import (autocast_bf16, bf16_supported, fast_loss_batch, fused_ad
                         keep_freed_memory, set_impl)
 from utils.model import GPT2_PRESETS, GPT_TINY, GPTModel
 from utils.text import GPTDatasetV1, get_gpt2_tokenizer
-from utils.train import evaluate_model
+from utils.train import TrainingHistory, evaluate_model
 
-__all__ = ["main", "read_corpus", "CONFIGS"]
+__all__ = ["main", "read_corpus", "build_optimizer", "CONFIGS"]
 
 CONFIGS = {"tiny": GPT_TINY, **{name.split(" ")[0]: cfg for name, cfg in GPT2_PRESETS.items()}}
 _MUST_MATCH_ON_RESUME = ["config", "context_length", "batch_size", "world_size", "drop_rate"]
@@ -94,7 +98,8 @@ def _parse(argv) -> argparse.Namespace:
                    help="stop (and save) after this many optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=2, help="per process")
     p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW's, on weight matrices and embeddings (not biases or LayerNorms)")
     p.add_argument("--eval-freq", type=int, default=5, help="steps between evaluations")
     p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
     p.add_argument("--save-every", type=int, default=0,
@@ -215,6 +220,16 @@ def _loaders(text: str, args, rank: int, world: int):
     return train, val, sampler
 
 
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Fused AdamW in two groups: matrices and embeddings decayed, biases and norms not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # decay matrices only (GPT-2, nanoGPT): shrinking biases and LayerNorm scales/shifts only hurts
+    decayed = [p for p in params if p.dim() >= 2]
+    not_decayed = [p for p in params if p.dim() < 2]
+    return fused_adamw([{"params": decayed, "weight_decay": weight_decay},
+                        {"params": not_decayed, "weight_decay": 0.0}], lr=lr)
+
+
 def _fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for p in model.parameters():
@@ -252,20 +267,27 @@ class _Run:
         self.bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_supported(device))
         if self.bf16:
             autocast_bf16(self.model)
-        self.optimizer = fused_adamw(self.model.parameters(), lr=args.lr,
-                                     weight_decay=args.weight_decay)
+        self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay)
         torch.manual_seed(args.seed + rank)  # each process draws its own dropout masks
         self.epoch, self.batch_in_epoch, self.step, self.tokens_seen = 0, 0, 0, 0
         self.rng_state = None  # restored once the data position is reached
+        self.history = TrainingHistory()  # chapter 5's records and log line (rank 0 logs)
 
     def resume(self, extra: dict) -> None:
-        load_checkpoint(self.latest, model=self.model, optimizer=self.optimizer, device=self.device)
-        for group in self.optimizer.param_groups:  # honour --lr / --weight-decay if changed
-            group["lr"], group["weight_decay"] = self.args.lr, self.args.weight_decay
+        try:
+            load_checkpoint(self.latest, model=self.model, optimizer=self.optimizer,
+                            device=self.device)
+        except CheckpointError as exc:  # e.g. saved when every parameter was in one group
+            raise UsageError(f"cannot resume: {exc} Start afresh with another --out.") from exc
+        decayed, not_decayed = self.optimizer.param_groups
+        for group in (decayed, not_decayed):  # honour --lr / --weight-decay if changed
+            group["lr"] = self.args.lr
+        decayed["weight_decay"] = self.args.weight_decay
         self.epoch, self.step = extra["epoch"], extra["step"]
         self.batch_in_epoch, self.tokens_seen = extra.get("batch_in_epoch", 0), extra["tokens_seen"]
         states = extra.get("rng_states", [])
         self.rng_state = states[self.rank] if len(states) == self.world else None
+        self.history.records = list(extra.get("history", []))  # the run goes on
 
     def save(self) -> None:
         states = _rng_states(self.world)  # collective: every rank takes part
@@ -273,12 +295,13 @@ class _Run:
             save_checkpoint(self.latest, self.model, self.optimizer, epoch=self.epoch,
                             batch_in_epoch=self.batch_in_epoch, step=self.step,
                             tokens_seen=self.tokens_seen, rng_states=states,
-                            settings=_settings(self.args, self.world))
+                            settings=_settings(self.args, self.world),
+                            history=self.history.records)
         if self.world > 1:
             dist.barrier()  # nobody races ahead of the checkpoint
 
 
-def _train(run: _Run, ddp, train_loader, val_loader, sampler, say) -> bool:
+def _train(run: _Run, ddp, train_loader, val_loader, sampler) -> bool:
     """Train up to --epochs (or --max-steps); True if it stopped at --max-steps."""
     args = run.args
     for epoch in range(run.epoch, args.epochs):
@@ -302,8 +325,8 @@ def _train(run: _Run, ddp, train_loader, val_loader, sampler, say) -> bool:
             if run.step % args.eval_freq == 0 and run.rank == 0:
                 train_loss, val_loss = evaluate_model(run.model, train_loader, val_loader,
                                                       run.device, args.eval_iter)
-                say(f"Ep {epoch + 1} (Step {run.step:06d}): Train loss {train_loss:.3f}, "
-                    f"Val loss {val_loss:.3f}, tokens seen {run.tokens_seen:,}", flush=True)
+                run.history.log(epoch + 1, run.step, train_loss=train_loss, val_loss=val_loss,
+                                tokens_seen=run.tokens_seen)
             run.step += 1
             run.batch_in_epoch += 1
             if args.max_steps is not None and run.step >= args.max_steps:
@@ -343,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(train_loader)} steps per epoch")
     start = time.time()
     try:
-        stopped = _train(run, ddp, train_loader, val_loader, sampler, say)
+        stopped = _train(run, ddp, train_loader, val_loader, sampler)
     except KeyboardInterrupt:
         where = "none saved yet"
         if latest.is_file():
