@@ -136,3 +136,25 @@ def test_chapters_4_and_5_know_nothing_of_chapter_8(path):
         cells = json.loads(text)["cells"]
         text = "\n".join("".join(c["source"]) for c in cells)  # code and prose, not outputs
     assert LATER_CHAPTER_WORDS.findall(text) == []
+
+
+def test_no_function_in_utils_is_longer_than_60_lines():
+    long = [f"{module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for path in all_modules().values()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 60]
+    assert long == []
+
+
+# A model's context length is in its config, where every model (GPT-2, Llama, a wrapper with
+# a cache) has it; asking GPTModel's position table would work for GPTModel only.
+CONTEXT_FROM_INTERNALS = re.compile(r"pos_emb\.(weight\.shape|num_embeddings)")
+
+
+def test_the_context_length_is_asked_through_the_config():
+    readers = [f"{name}: {match.group(0)}" for name, path in all_modules().items()
+               for match in CONTEXT_FROM_INTERNALS.finditer(path.read_text(encoding="utf-8"))]
+    readers += [f"{nb.name}: {match.group(0)}" for nb in sorted(NOTEBOOKS.rglob("*.ipynb"))
+                for match in CONTEXT_FROM_INTERNALS.finditer(notebook_code(nb))]
+    assert readers == []

@@ -220,7 +220,7 @@ def test_training_grows_the_margin_and_leaves_the_reference_unchanged():
                                      num_epochs=3, beta=0.1, eval_freq=2, eval_iter=2,
                                      verbose=False)
     assert history["step"] == [0, 2, 4]
-    assert set(history) >= {"train_loss", "val_loss", "train_margin", "val_margin",
+    assert set(history.records[-1]) >= {"train_loss", "val_loss", "train_margin", "val_margin",
                             "train_chosen_reward", "train_rejected_reward",
                             "val_chosen_reward", "val_rejected_reward"}
     margins = history["train_margin"]

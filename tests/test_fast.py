@@ -4,27 +4,24 @@ is timed; speed is measured by `python -m utils.cli.benchmark`."""
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import re
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from utils.attention import MultiHeadAttention
-from utils.cli.benchmark import data_sheet_bf16_tflops, flops_per_token
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.fast import (BF16Linear, CachedGPT, FastGELU, FastLayerNorm, KVCache, SDPAttention,
-                        autocast_bf16, bf16_inference_model, bf16_supported, compile_model,
-                        fast_loss_batch, forward_with_cache, fused_adamw, fused_cross_entropy,
-                        keep_freed_memory, set_impl, train_model_fast)
+from utils.fast import (BF16Linear, CachedGPT, CachedModel, FastGELU, FastLayerNorm, KVCache,
+                        SDPAttention, autocast_bf16, bf16_inference_model, bf16_supported,
+                        compile_model, fast_loss_batch, forward_with_cache, fused_adamw,
+                        fused_cross_entropy, set_impl, train_model_fast)
 from utils.generation import generate
-from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTModel, generate_text_simple
+from utils.model import GPT_TINY, GPTModel, generate_text_simple
 from utils.train import calc_loss_batch, generate_and_print_sample, train_model_simple
 
 SMALL_VOCAB = dataclasses.replace(GPT_TINY, vocab_size=256)
@@ -159,6 +156,41 @@ def test_forward_with_cache_refuses_to_overflow():
     assert cache.length == 6 and cache.keys[0].shape == (1, GPT_TINY.n_heads, 8, 16)
 
 
+def test_the_cache_moves_its_own_length_layer_by_layer():
+    cache = KVCache(n_layers=2, capacity=5)
+    k = torch.randn(1, 2, 3, 4)
+    keys, values = cache.append(0, k, 2 * k)  # layer 0 has taken 3 positions, layer 1 none
+    assert torch.equal(keys, k) and torch.equal(values, 2 * k)
+    assert cache.filled == [3, 0] and cache.length == 0  # not every layer holds them yet
+    cache.append(1, k, k)
+    assert cache.length == 3
+    one = torch.randn(1, 2, 1, 4)
+    keys, _ = cache.append(0, one, one)
+    assert torch.equal(keys, torch.cat([k, one], dim=2))  # all the layer holds, in order
+    with pytest.raises(ValueError, match="holds 4 of 5 positions and cannot take 2 more"):
+        cache.append(0, torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
+    assert cache.filled == [4, 3]  # a refused append changes nothing
+
+
+def test_cached_model_reuses_the_cache_only_for_a_continuation():
+    model = _model()
+    cached = CachedGPT(model)
+    assert isinstance(cached, CachedModel) and cached.cfg is model.cfg  # asked like the model
+    prompt = torch.tensor([[1, 2, 3]])
+    assert not cached.extends_cache(prompt)  # nothing cached yet
+    cached(prompt)
+    cache = cached.cache
+    assert cache.length == 3
+    assert cached.extends_cache(torch.tensor([[1, 2, 3, 4]]))
+    assert not cached.extends_cache(torch.tensor([[1, 2, 9, 4]]))  # a different prefix
+    assert not cached.extends_cache(prompt)  # nothing new
+    assert not cached.extends_cache(torch.zeros(1, GPT_TINY.context_length + 1, dtype=torch.long))
+    cached(torch.tensor([[1, 2, 3, 4]]))
+    assert cached.cache is cache and cache.length == 4  # one more position, same cache
+    cached(torch.tensor([[5, 6]]))
+    assert cached.cache is not cache and cached.cache.length == 2  # a new prompt: afresh
+
+
 def _short_run(bf16, steps=30):
     torch.manual_seed(123)
     model = autocast_bf16(GPTModel(SMALL_VOCAB), enabled=bf16)
@@ -264,22 +296,6 @@ def test_compile_model_compiles_each_block_in_place(monkeypatch):
 def test_compile_model_by_blocks_needs_blocks():
     with pytest.raises(ValueError, match="whole=True"):
         compile_model(torch.nn.Linear(2, 2), torch.zeros(1, 2))
-
-
-def test_flops_per_token_for_gpt2_small():
-    # N = 163,009,536 parameters minus the token and position tables (51,281 x 768)
-    n = 163_009_536 - 51_281 * 768
-    assert flops_per_token(GPT2_SMALL_124M, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
-
-
-def test_data_sheet_peaks_match_the_right_gpu():
-    assert data_sheet_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert data_sheet_bf16_tflops("NVIDIA H100 PCIe") == 756.0
-    assert data_sheet_bf16_tflops("NVIDIA A100-SXM4-40GB") == 312.0  # not the A10's 125
-    assert data_sheet_bf16_tflops("NVIDIA L40S") == 362.0  # not the L4's 121
-    assert data_sheet_bf16_tflops("NVIDIA L4") == 121.0
-    assert data_sheet_bf16_tflops("Tesla T4") == 65.0
-    assert data_sheet_bf16_tflops("Some Future GPU") is None
 
 
 # --- bfloat16 weights for generation ---------------------------------------------------------
@@ -521,82 +537,3 @@ def test_keep_freed_memory_stops_page_faults_for_reused_blocks():
     assert out.returncode == 0, out.stderr
     fresh, kept = map(int, out.stdout.split())
     assert fresh > 10_000 and kept < 500  # 189 MB is 46,000 pages of 4 KB (fewer if huge)
-
-
-# --- the benchmark command ------------------------------------------------------------------------
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _benchmark(tmp_path, *args):
-    out = tmp_path / "results.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "utils.cli.benchmark", *args, "--json", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return json.loads(out.read_text()), result.stdout
-
-
-def test_benchmark_command_quick_run_reports_what_it_printed(tmp_path):
-    r, printed = _benchmark(tmp_path, "--quick", "--repeats", "1", "--no-memory",
-                            "--context", "16", "--new-tokens", "8", "--matmul-size", "256",
-                            "--peak-tflops", "1.0")
-    m, s = r["machine"], r["setup"]
-    assert m["torch"] == torch.__version__ and m["cpu_threads"] >= 1 and "cpu" in m
-    assert m["cpu"] in printed and f"torch {m['torch']}" in printed
-    assert (s["model"], s["repeats"], s["context"]) == ("tiny", 1, 16)
-    assert s["flops_per_token"] == flops_per_token(GPT_TINY, 16)
-    bf16 = m["native_bf16"]
-    assert set(r["peak_gflops"]) == ({"float32", "bfloat16"} if bf16 else {"float32"})
-    names = [row["path"] for row in r["train"]]
-    assert names[:5] == ["teaching modules, AdamW, float32", "SDPA attention, AdamW, float32",
-                         "fast modules, AdamW, float32", "fast modules, fused AdamW, float32",
-                         "fast modules, fused AdamW, fused CE, float32"]
-    assert any("bf16 autocast" in n for n in names) == bf16
-    for key in ("train", "generate"):
-        base = r[key][0]["tokens_per_s"]
-        for row in r[key]:
-            assert len(row["seconds"]) == 1  # one counted round
-            assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
-            assert row["ratio"] == pytest.approx(row["tokens_per_s"] / base)  # of the medians
-            assert f"{row['tokens_per_s']:,.1f}" in printed and row["path"] in printed
-    for row in r["train"]:
-        assert row["gflops"] == pytest.approx(row["tokens_per_s"] * s["flops_per_token"] / 1e9)
-        peak = r["peak_gflops"][row["dtype"]]["median"]
-        assert row["fraction_of_peak"] == pytest.approx(row["gflops"] / peak)
-        assert ("mfu" in row) == (row["dtype"] == "bfloat16")  # against --peak-tflops 1.0
-        if "mfu" in row:
-            assert row["mfu"] == pytest.approx(row["gflops"] / 1e3)
-    gen = {row["path"]: row for row in r["generate"]}
-    assert r["checks"]["greedy_identical_with_cache"] is True
-    if bf16:
-        fast32, fast16 = gen["KV cache, fast modules, float32"], gen["KV cache, fast modules, bf16 weights"]
-        assert r["bf16_generation_vs_float32"] == pytest.approx(
-            fast16["tokens_per_s"] / fast32["tokens_per_s"])
-        assert 0 <= r["checks"]["bf16_weights_greedy_agreement"] <= 8
-    for profiled in r["profile"]:  # groups add up to the step's total
-        assert sum(profiled["groups"].values()) == pytest.approx(profiled["total_ms"])
-        assert profiled["path"] in names
-
-
-def test_benchmark_checks_its_arguments():
-    from utils.cli.benchmark import run_benchmark
-    with pytest.raises(ValueError, match="context_length 64"):
-        run_benchmark("tiny", context=65, memory=False, progress=False)
-    with pytest.raises(ValueError, match="Unknown model"):
-        run_benchmark("gpt5", memory=False, progress=False)
-
-
-def test_benchmark_chapter5_retrain_quick(tmp_path, mirror_dir):
-    r, printed = _benchmark(tmp_path, "--chapter5", "--quick", "--bf16", "off")
-    assert [run["kind"] for run in r["runs"]] == ["chapter5", "fast"]
-    teaching, fast = r["runs"]
-    assert teaching["label"].startswith("chapter 5: teaching modules")
-    assert len(teaching["evals"]) == len(fast["evals"]) > 3
-    for a, b in zip(teaching["evals"], fast["evals"]):  # the same run in float32, faster code
-        assert (a["step"], a["tokens_seen"]) == (b["step"], b["tokens_seen"])
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=2e-3)
-        assert a["seconds"] <= teaching["wall_seconds"] and b["seconds"] <= fast["wall_seconds"]
-    assert r["time_ratio"] == pytest.approx(fast["wall_seconds"] / teaching["wall_seconds"])
-    assert "fast retrain / chapter 5 wall time" in printed

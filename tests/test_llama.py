@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -218,21 +216,59 @@ def test_llama3_rope_scaling_is_exercised_and_matches_transformers():
         torch.testing.assert_close(ours, expected, atol=0, rtol=1e-6)
 
 
-def test_chapter5_training_loop_trains_a_llama():
-    from utils.train import calc_loss_batch
+class LetterTokenizer:
+    """Token IDs 0-319 as letters (from U+0100 on): enough of a tokenizer for the samples."""
+
+    def encode(self, text, allowed_special=None):
+        return [ord(c) - 0x100 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(0x100 + i) for i in ids)
+
+
+def test_chapter5_training_loop_trains_a_llama_with_samples(capsys):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from utils.train import train_model_simple
     torch.manual_seed(123)
     model = LlamaModel(dataclasses.replace(LLAMA_TINY, vocab_size=VOCAB))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     data = torch.randint(0, VOCAB, (4, 33))
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = calc_loss_batch(data[:, :-1], data[:, 1:], model, "cpu")
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert 5.0 < losses[0] < 9.0  # about ln(320) = 5.8 and above, from an untrained model
-    assert losses[-1] < 0.6 * losses[0]  # it memorises the four sequences
+    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=2)
+    history = train_model_simple(model, loader, loader, optimizer, "cpu", num_epochs=15,
+                                 eval_freq=10, eval_iter=2, start_context="\u0105\u0106",
+                                 tokenizer=LetterTokenizer())  # unchanged, samples and all
+    first, last = history.records[0], history.records[-1]
+    assert 5.0 < first["train_loss"] < 9.0  # about ln(320) = 5.8 and above, untrained
+    assert last["train_loss"] < 0.6 * first["train_loss"]  # it memorises the four sequences
+    assert len(history.samples) == 15 and all(s.startswith("\u0105\u0106") and len(s) == 52
+                                             for s in history.samples)  # 2 + 50 new tokens
+    assert history.samples[-1] in capsys.readouterr().out
+
+
+def test_rope_tables_are_computed_once_per_model(pair, monkeypatch):
+    import utils.llama
+    cfg, _, ours = pair
+    assert not {"cos", "sin"} & set(ours.state_dict())  # tables, not weights: never saved
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+    cos, sin = utils.llama.rope_angles(torch.arange(cfg.context_length), inv_freq)
+    assert torch.equal(ours.cos, cos) and torch.equal(ours.sin, sin)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("RoPE's tables were computed again")
+
+    for name in ("rope_frequencies", "rope_angles", "rope_tables"):
+        monkeypatch.setattr(utils.llama, name, recomputed)
+    prompt = torch.randint(0, VOCAB, (1, 5))
+    out = generate(CachedLlama(ours), prompt, 6, context_size=cfg.context_length)  # 7 passes
+    assert out.shape == (1, 11)
+
+
+def test_cached_llama_builds_on_chapter_8s_public_cache():
+    from utils.fast import CachedGPT, CachedModel
+    assert issubclass(CachedLlama, CachedModel) and not issubclass(CachedLlama, CachedGPT)
+    overridden = {name for name in vars(CachedLlama) if not name.startswith("__")}
+    assert overridden <= {"new_cache", "step"}  # the two model-specific parts, nothing private
 
 
 def test_configs_and_modules_refuse_what_cannot_work():
@@ -429,72 +465,42 @@ def test_offline_without_the_files_says_what_to_do(monkeypatch, tmp_path, no_net
         load_pretrained_llama("Qwen/Qwen3-0.6b")
 
 
-class GatedServer:
-    """A loopback "Hub" on 127.0.0.1: /gated answers 401 without the right bearer token, else
-    moves the file within the host (/cache, which checks the token too), which redirects to a
-    storage server, here the same server under another name (localhost), as the Hub does.
-    Records the path and Authorization header of every request."""
+def hub_handler(http_server, token: str):
+    """A loopback "Hub": /gated answers 401 without the right bearer token, else moves the
+    file within the host (/cache, which checks the token too), which redirects to a storage
+    server, here the same server under another name (localhost), as the Hub does."""
+    def answer(request):
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            return 401, {}, b""
+        if request.path == "/gated":
+            return 307, {"Location": "/cache"}, b""  # same host: the token goes along
+        return 302, {"Location": http_server.url("/storage", host="localhost")}, b""
 
-    def __init__(self, body: bytes, token: str):
-        self.seen: list[tuple[str, str | None]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def reply(self, status: int, location: str | None = None, payload: bytes = b""):
-                self.send_response(status)
-                if location:
-                    self.send_header("Location", location)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                auth = self.headers.get("Authorization")
-                server.seen.append((self.path, auth))
-                if self.path in ("/gated", "/cache") and auth != f"Bearer {token}":
-                    self.reply(401)
-                elif self.path == "/gated":
-                    self.reply(307, location="/cache")  # same host: the token goes along
-                elif self.path == "/cache":
-                    self.reply(302, location=f"http://localhost:{server.port}/storage")
-                else:
-                    self.reply(200, payload=body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_port
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.port}/gated"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return answer
 
 
-def test_gated_download_sends_the_token_to_the_hub_only(monkeypatch, tmp_path):
+def test_gated_download_sends_the_token_to_the_hub_only(monkeypatch, tmp_path, http_server):
     body = b"weights" * 1000
-    server = GatedServer(body, token="secret")
-    try:
-        monkeypatch.setitem(ASSETS, "gated", Asset("gated", "g/file.bin", server.url, len(body),
-                                                   hashlib.sha256(body).hexdigest(),
-                                                   token_env="TEST_HUB_TOKEN"))
-        monkeypatch.delenv("TEST_HUB_TOKEN", raising=False)
-        with pytest.raises(AssetUnavailableError, match=r"HTTP 401 .*a gated file: set "
-                                                        r"\$TEST_HUB_TOKEN"):
-            fetch("gated", data_dir=tmp_path, mirror="", offline=False, progress=False)
-        monkeypatch.setenv("TEST_HUB_TOKEN", "wrong")
-        with pytest.raises(AssetUnavailableError, match="its token was refused"):
-            fetch("gated", data_dir=tmp_path, mirror="", offline=False, progress=False)
-        monkeypatch.setenv("TEST_HUB_TOKEN", "secret")
-        server.seen.clear()
-        path = fetch("gated", data_dir=tmp_path, mirror="", offline=False, progress=False)
-        assert path.read_bytes() == body
-        assert server.seen == [("/gated", "Bearer secret"), ("/cache", "Bearer secret"),
-                               ("/storage", None)]  # never to another host
-    finally:
-        server.close()
+    http_server.routes["/gated"] = http_server.routes["/cache"] = hub_handler(http_server,
+                                                                              "secret")
+    http_server.routes["/storage"] = (200, body, "ok")
+    monkeypatch.setitem(ASSETS, "gated", Asset("gated", "g/file.bin", http_server.url("/gated"),
+                                               len(body), hashlib.sha256(body).hexdigest(),
+                                               token_env="TEST_HUB_TOKEN"))
+    monkeypatch.delenv("TEST_HUB_TOKEN", raising=False)
+    with pytest.raises(AssetUnavailableError, match=r"HTTP 401 .*a gated file: set "
+                                                    r"\$TEST_HUB_TOKEN"):
+        fetch("gated", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    monkeypatch.setenv("TEST_HUB_TOKEN", "wrong")
+    with pytest.raises(AssetUnavailableError, match="its token was refused"):
+        fetch("gated", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    monkeypatch.setenv("TEST_HUB_TOKEN", "secret")
+    http_server.requests.clear()
+    path = fetch("gated", data_dir=tmp_path, mirror="", offline=False, progress=False)
+    assert path.read_bytes() == body
+    assert [(r.path, r.headers.get("Authorization")) for r in http_server.requests] == [
+        ("/gated", "Bearer secret"), ("/cache", "Bearer secret"),
+        ("/storage", None)]  # never to another host
 
 
 # ---- chat formats and small pieces ---------------------------------------------------------

@@ -10,7 +10,8 @@ from utils.checkpoint import save_checkpoint
 from utils.core.download import AssetUnavailableError
 from utils.generation import generate
 from utils.model import GPTConfig, GPTModel
-from utils.pretrained import load_pretrained_gpt2, load_weights_into_gpt
+from utils.pretrained import (gpt2_stand_in_reason, load_chapter5_model, load_pretrained_gpt2,
+                              load_weights_into_gpt)
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,45 +91,51 @@ def test_unknown_model_name_suggests_the_right_one():
         load_pretrained_gpt2("gpt2-meduim (355M)")
 
 
-def test_no_weights_offline_falls_back_to_the_chapter5_checkpoint(monkeypatch, tmp_path, capsys,
-                                                                   no_network):
+@pytest.fixture
+def no_gpt2_here(monkeypatch, tmp_path, no_network):
+    """A machine with no GPT-2 weights in the cache or a mirror, and no internet."""
     monkeypatch.setenv("LLM_COURSE_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("LLM_COURSE_MIRROR", "")
     monkeypatch.setenv("LLM_COURSE_CHECKPOINTS", str(tmp_path / "ckpt"))
+    for name in ("LLM_COURSE_OFFLINE", "LLM_COURSE_FALLBACK", "LLM_COURSE_MAX_DOWNLOAD_MB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("utils.core.download.time.sleep", lambda s: None)  # skip retry back-off
+    return tmp_path
+
+
+def test_the_loader_loads_gpt2_or_fails_and_never_substitutes(no_gpt2_here, monkeypatch):
+    save_checkpoint(no_gpt2_here / "ckpt" / "05_pretrained_the_verdict.pt", GPTModel(OURS))
+    for settings in ({}, {"LLM_COURSE_OFFLINE": "1"}, {"LLM_COURSE_FALLBACK": "1"}):
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(AssetUnavailableError, match="huggingface.co/openai-community/gpt2/"):
+            load_pretrained_gpt2("gpt2-small (124M)", progress=False)
+
+
+def test_the_stand_in_reason_says_when_and_why(no_gpt2_here, monkeypatch):
+    assert gpt2_stand_in_reason("gpt2-small (124M)") is None  # online: GPT-2 will download
+    monkeypatch.setenv("LLM_COURSE_MAX_DOWNLOAD_MB", "100")
+    assert "LLM_COURSE_MAX_DOWNLOAD_MB=100 allows downloads up to 100 MB" in \
+        gpt2_stand_in_reason("gpt2-small (124M)")
     monkeypatch.setenv("LLM_COURSE_OFFLINE", "1")
-    monkeypatch.delenv("LLM_COURSE_FALLBACK", raising=False)
-    with pytest.raises(AssetUnavailableError, match="running notebooks/05_pretraining"):
-        load_pretrained_gpt2("gpt2-small (124M)")  # no fallback checkpoint yet
+    assert "offline mode is on" in gpt2_stand_in_reason("gpt2-medium (355M)")
+    weights = no_gpt2_here / "data" / "gpt2-weights" / "gpt2-small-124M.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"cached")  # on this machine: GPT-2 itself (fetch checks it later)
+    assert gpt2_stand_in_reason("gpt2-small (124M)") is None
+    monkeypatch.setenv("LLM_COURSE_FALLBACK", "1")  # asked for, even with the weights here
+    assert gpt2_stand_in_reason("gpt2-small (124M)") == "$LLM_COURSE_FALLBACK=1 is set"
+    with pytest.raises(ValueError, match="Did you mean 'gpt2-small \\(124M\\)'"):
+        gpt2_stand_in_reason("gpt2-smal (124M)")
+
+
+def test_the_stand_in_is_chapter_5s_model_without_dropout(no_gpt2_here):
+    with pytest.raises(AssetUnavailableError, match="run notebooks/05_pretraining.ipynb first"):
+        load_chapter5_model()
     torch.manual_seed(0)
     small = GPTModel(dataclasses.replace(OURS, qkv_bias=False, drop_rate=0.1))
-    save_checkpoint(tmp_path / "ckpt" / "05_pretrained_the_verdict.pt", small)
-    model = load_pretrained_gpt2("gpt2-small (124M)")
-    assert "NOTICE" in capsys.readouterr().out and not model.training
+    save_checkpoint(no_gpt2_here / "ckpt" / "05_pretrained_the_verdict.pt", small)
+    model = load_chapter5_model()
+    assert not model.training
     assert model.cfg == dataclasses.replace(small.cfg, drop_rate=0.0)  # finetuning: no dropout
-
-
-def test_no_weights_online_is_an_error_not_a_substitution(monkeypatch, tmp_path, no_network):
-    monkeypatch.setenv("LLM_COURSE_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("LLM_COURSE_MIRROR", "")
-    monkeypatch.setenv("LLM_COURSE_CHECKPOINTS", str(tmp_path / "ckpt"))
-    monkeypatch.delenv("LLM_COURSE_OFFLINE", raising=False)
-    monkeypatch.delenv("LLM_COURSE_FALLBACK", raising=False)
-    save_checkpoint(tmp_path / "ckpt" / "05_pretrained_the_verdict.pt", GPTModel(OURS))
-    monkeypatch.setattr("utils.core.download.time.sleep", lambda s: None)  # skip retry back-off
-    with pytest.raises(AssetUnavailableError, match="huggingface.co/openai-community/gpt2/"):
-        load_pretrained_gpt2("gpt2-small (124M)", progress=False)
-
-
-def test_fallback_mode_uses_the_chapter5_model_even_online(monkeypatch, tmp_path, capsys,
-                                                           no_network):
-    monkeypatch.setenv("LLM_COURSE_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("LLM_COURSE_CHECKPOINTS", str(tmp_path / "ckpt"))
-    monkeypatch.delenv("LLM_COURSE_OFFLINE", raising=False)
-    monkeypatch.setenv("LLM_COURSE_FALLBACK", "1")
-    with pytest.raises(AssetUnavailableError, match="run notebooks/05_pretraining.ipynb first"):
-        load_pretrained_gpt2("gpt2-medium (355M)")
-    save_checkpoint(tmp_path / "ckpt" / "05_pretrained_the_verdict.pt", GPTModel(OURS))
-    model = load_pretrained_gpt2("gpt2-medium (355M)")  # no download attempted (no_network)
-    out = capsys.readouterr().out
-    assert "instead of OpenAI's gpt2-medium (355M)" in out and "LLM_COURSE_FALLBACK=1" in out
-    assert model.cfg == dataclasses.replace(OURS, drop_rate=0.0)
+    assert torch.equal(model.out_head.weight, small.out_head.weight)

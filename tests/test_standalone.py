@@ -29,7 +29,8 @@ HIDE_REPO = textwrap.dedent(f"""
     import sys
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)
                         and "__editable__" not in getattr(type(f), "__module__", "")]
-    sys.path[:] = [p for p in sys.path if not p.startswith({str(REPO_ROOT)!r})]
+    sys.path[:] = [p for p in sys.path if not p.startswith({str(REPO_ROOT)!r})
+                   or p.startswith(sys.prefix)]  # a .venv inside the clone stays usable
 """)
 
 

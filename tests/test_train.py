@@ -1,4 +1,5 @@
-"""utils/train.py: the loss helpers against a hand computation, and a training run."""
+"""utils/train.py: the loss helpers against a hand computation, the training history and its
+log line, and training runs."""
 
 import dataclasses
 import math
@@ -8,8 +9,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from utils.model import GPT_TINY, GPTModel
-from utils.train import (calc_loss_batch, calc_loss_loader, evaluate_model, text_to_token_ids,
-                         token_ids_to_text, train_model_simple)
+from utils.train import (TrainingHistory, calc_loss_batch, calc_loss_loader, evaluate_model,
+                         format_log_line, text_to_token_ids, token_ids_to_text,
+                         train_model_simple)
 
 CFG = dataclasses.replace(GPT_TINY, vocab_size=97, context_length=16)
 
@@ -78,3 +80,53 @@ def test_a_tiny_model_learns_a_repeating_sequence():
     assert train_losses[-1] < 0.5 < before  # learned the pattern
     assert seen == sorted(seen) and seen[-1] <= 4 * len(xs) * 12
     assert len(train_losses) == len(val_losses) == len(seen)
+
+
+def test_the_history_records_each_evaluation_and_prints_chapter_5s_line(capsys):
+    history = TrainingHistory()
+    first = history.log(1, 0, train_loss=9.78123, val_loss=9.9334, tokens_seen=512)
+    history.log(1, 5, train_loss=8.1109, val_loss=8.3391, tokens_seen=3072)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["Ep 1 (Step 000000): Train loss 9.781, Val loss 9.933, tokens seen 512",
+                       "Ep 1 (Step 000005): Train loss 8.111, Val loss 8.339, tokens seen 3,072"]
+    assert first == history.records[0] and first["val_loss"] == 9.9334  # unrounded
+    assert 0 <= first["seconds"] <= history.records[1]["seconds"]
+    assert history["step"] == [0, 5]
+    train_losses, val_losses, tokens_seen = history  # as the book's loop returns them
+    assert (train_losses, val_losses, tokens_seen) == ([9.78123, 8.1109], [9.9334, 8.3391],
+                                                       [512, 3072])
+    quiet = TrainingHistory({"lr": "lr {:.2e}"}, verbose=False, unpack=("lr",))
+    quiet.log(2, 7, lr=4e-4)
+    assert capsys.readouterr().out == ""
+    assert format_log_line(quiet.records[0], quiet.log_formats) == "Ep 2 (Step 000007): lr 4.00e-04"
+
+
+def test_train_model_simple_returns_the_records_it_printed(capsys):
+    pattern = torch.arange(10).repeat(8)
+    xs = torch.stack([pattern[i:i + 12] for i in range(0, 60, 6)])
+    ys = torch.stack([pattern[i + 1:i + 13] for i in range(0, 60, 6)])
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=5)
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = train_model_simple(model, loader, loader, optimizer, "cpu", num_epochs=2,
+                                 eval_freq=1, eval_iter=1, start_context="\u0101",
+                                 tokenizer=LetterTokenizer())
+    lines = capsys.readouterr().out.split("\n")[:-1]
+    logged = [line for line in lines if line.startswith("Ep ")]
+    assert logged == [format_log_line(r) for r in history.records]
+    assert [(r["epoch"], r["step"]) for r in history.records] == [(1, 0), (1, 1), (2, 2), (2, 3)]
+    assert history["tokens_seen"] == [60, 120, 180, 240]
+    seconds = history["seconds"]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert len(history.samples) == 2 and history.samples == [line for line in lines
+                                                             if not line.startswith("Ep ")]
+
+
+class LetterTokenizer:
+    """Token IDs 0-96 as letters (from U+0100 on): enough of a tokenizer for the samples."""
+
+    def encode(self, text, allowed_special=None):
+        return [ord(c) - 0x100 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(0x100 + i) for i in ids)

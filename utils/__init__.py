@@ -19,16 +19,16 @@ written from their notebook's `#| export` cells; hand-written ones say so:
   checkpoint_info, load_checkpoint
 - `utils.generation` (notebooks/05_pretraining.ipynb): generate
 - `utils.pretrained` (notebooks/05_pretraining.ipynb): load_weights_into_gpt,
-  GPT2_WEIGHT_ASSETS, load_pretrained_gpt2
+  GPT2_WEIGHT_ASSETS, load_pretrained_gpt2, gpt2_stand_in_reason, load_chapter5_model
 - `utils.train` (notebooks/05_pretraining.ipynb): text_to_token_ids, token_ids_to_text,
-  calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
-  train_model_simple, plot_losses
+  calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample, LOSS_LOG,
+  format_log_line, TrainingHistory, train_model_simple, plot_losses
 - `utils.train_extras` (notebooks/appendix_D_training_extras.ipynb): lr_at_step,
-  find_highest_gradient, train_model
+  find_highest_gradient, LR_LOG, train_model
 - `utils.classify` (notebooks/06_classification.ipynb): create_balanced_dataset,
   random_split, SpamDataset, calc_accuracy_loader, calc_class_loss_batch,
-  calc_class_loss_loader, evaluate_classifier, train_classifier_simple, plot_values,
-  classify_review
+  calc_class_loss_loader, CLASS_LOSS_LOG, evaluate_classifier, train_classifier_simple,
+  plot_values, classify_review
 - `utils.lora` (notebooks/appendix_E_lora.ipynb): LoRALayer, LinearWithLoRA,
   replace_linear_with_lora, merge_lora
 - `utils.evaluation` (notebooks/07_instruction_finetuning.ipynb): OLLAMA_URL,
@@ -39,35 +39,45 @@ written from their notebook's `#| export` cells; hand-written ones say so:
   custom_collate_fn
 - `utils.dpo` (notebooks/07b_preference_tuning_dpo.ipynb): response_logprobs,
   PreferenceDataset, preference_collate_fn, pair_logprobs, dpo_loss, frozen_reference,
-  dpo_loss_batch, evaluate_dpo_loader, logprob_margins, train_model_dpo_simple,
+  dpo_loss_batch, evaluate_dpo_loader, logprob_margins, DPO_LOG, train_model_dpo_simple,
   plot_dpo_history
 - `utils.fast` (notebooks/08_going_faster.ipynb): SDPAttention, FastLayerNorm, FastGELU,
-  set_impl, KVCache, forward_with_cache, CachedGPT, bf16_supported, autocast_bf16,
-  BF16Linear, bf16_inference_model, fused_adamw, compile_model, fused_cross_entropy,
-  fast_loss_batch, keep_freed_memory, train_model_fast
+  set_impl, KVCache, forward_with_cache, CachedModel, CachedGPT, bf16_supported,
+  autocast_bf16, BF16Linear, bf16_inference_model, fused_adamw, compile_model,
+  fused_cross_entropy, fast_loss_batch, keep_freed_memory, train_model_fast
 - `utils.llama` (notebooks/09_gpt_to_llama.ipynb): RopeScaling, LlamaConfig, LLAMA32_1B,
-  QWEN3_0_6B, LLAMA_TINY, QWEN3_TINY, RMSNorm, rope_frequencies, rope_angles, apply_rope,
-  SwiGLUFeedForward, GroupedQueryAttention, kv_cache_bytes, LlamaBlock, LlamaModel,
-  CachedLlama, config_from_hf, load_hf_weights_into_llama, CHAT_STOP_TOKENS, format_chat,
-  HubTokenizer, PRETRAINED_LLAMAS, load_llama_checkpoint, load_pretrained_llama
+  QWEN3_0_6B, LLAMA_TINY, QWEN3_TINY, RMSNorm, rope_frequencies, rope_angles, rope_tables,
+  apply_rope, SwiGLUFeedForward, GroupedQueryAttention, kv_cache_bytes, LlamaBlock,
+  LlamaModel, CachedLlama, config_from_hf, load_hf_weights_into_llama, CHAT_STOP_TOKENS,
+  format_chat, HubTokenizer, PRETRAINED_LLAMAS, load_llama_checkpoint, load_pretrained_llama
 
 Infrastructure, below every chapter:
 
 - `utils.core.assets`: The registry of every file the course downloads
 - `utils.core.device`: Choosing where tensors live
 - `utils.core.download`: Fetching the course's data files, online or offline
+- `utils.core.env`: Reading the course's switches from environment variables: one rule for
+  yes/no switches and one for numbers, so every switch reads alike
+- `utils.core.messages`: Wording shared by the course's error messages
 - `utils.core.paths`: Where the course keeps files on disk
 - `utils.core.runinfo`: How a notebook runs on this machine: quick mode, the stand-in for
   OpenAI's GPT-2, and the banner that tells the learner
+- `utils.core.timing`: Measuring speed and memory fairly, for every benchmark command
 
 Commands (`python -m utils.cli.NAME`), built on every chapter:
 
 - `utils.cli.benchmark`: Speed of chapter 8's fast paths against the teaching code, measured
-  side by side, and chapter 5's training run retrained with them
+  side by side
 - `utils.cli.bpe_benchmark`: Training and encoding speed of the from-scratch BPE tokenizer
   next to Hugging Face `tokenizers` and tiktoken, measured side by side
 - `utils.cli.chat`: Chat with your instruction-finetuned model in a terminal
 - `utils.cli.pretrain`: Pretraining from the command line, on one process or many
+- `utils.cli.profile_step`: Where one training step spends its time, by group of PyTorch
+  operators
+- `utils.cli.retrain_chapter5`: Chapter 5's training run retrained with chapter 8's
+  speed-ups, next to the run as chapter 5 does it
+- `utils.cli.speed_paths`: The training steps and generations that the measuring commands
+  time, each under a stable key
 
 Maintainer tools (`python -m utils.tools.NAME`):
 

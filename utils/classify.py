@@ -8,13 +8,15 @@ Built in notebooks/06_classification.ipynb, following chapter 6 of S. Raschka, *
 Large Language Model (From Scratch)*. Shapes: B batch, T tokens, K classes.
 """
 
-__all__ = ["create_balanced_dataset", "random_split", "SpamDataset", "calc_accuracy_loader", "calc_class_loss_batch", "calc_class_loss_loader", "evaluate_classifier", "train_classifier_simple", "plot_values", "classify_review"]
+__all__ = ["create_balanced_dataset", "random_split", "SpamDataset", "calc_accuracy_loader", "calc_class_loss_batch", "calc_class_loss_loader", "CLASS_LOSS_LOG", "evaluate_classifier", "train_classifier_simple", "plot_values", "classify_review"]
 
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from utils.train import LOSS_LOG, TrainingHistory, calc_loss_loader, evaluate_model, plot_losses
 
 
 def create_balanced_dataset(df: pd.DataFrame) -> pd.DataFrame:
@@ -86,33 +88,25 @@ def calc_class_loss_batch(input_batch, target_batch, model, device) -> torch.Ten
 
 
 def calc_class_loss_loader(data_loader, model, device, num_batches: int | None = None) -> float:
-    """Average classification loss over the first `num_batches` batches; NaN if empty."""
-    if len(data_loader) == 0:
-        return float("nan")
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    total_loss = 0.0
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i >= num_batches:
-            break
-        total_loss += calc_class_loss_batch(input_batch, target_batch, model, device).item()
-    return total_loss / num_batches
+    """Chapter 5's calc_loss_loader with the classification loss; NaN if empty."""
+    return calc_loss_loader(data_loader, model, device, num_batches, calc_class_loss_batch)
+
+
+CLASS_LOSS_LOG = {key: LOSS_LOG[key] for key in ("train_loss", "val_loss")}  # no tokens
 
 
 def evaluate_classifier(model, train_loader, val_loader, device, eval_iter: int):
-    """Training and validation classification loss over `eval_iter` batches, in eval mode."""
-    model.eval()
-    with torch.no_grad():
-        train_loss = calc_class_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_class_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
+    """Chapter 5's evaluate_model with the classification loss."""
+    return evaluate_model(model, train_loader, val_loader, device, eval_iter,
+                          calc_class_loss_batch)
 
 
 def train_classifier_simple(model, train_loader, val_loader, optimizer, device, num_epochs: int,
                             eval_freq: int, eval_iter: int, verbose: bool = True):
-    """Finetune a classifier; returns losses and accuracies per evaluation/epoch and the
-    number of examples seen at each evaluation."""
-    train_losses, val_losses, train_accs, val_accs = [], [], [], []
+    """Finetune a classifier; returns losses per evaluation, accuracies per epoch and the
+    number of examples seen (as the book's loop does)."""
+    history = TrainingHistory(CLASS_LOSS_LOG, verbose)  # New: examples, not tokens
+    train_accs, val_accs = [], []
     examples_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         model.train()
@@ -126,11 +120,8 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
             if global_step % eval_freq == 0:
                 train_loss, val_loss = evaluate_classifier(model, train_loader, val_loader,
                                                            device, eval_iter)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                if verbose:
-                    print(f"Ep {epoch + 1} (Step {global_step:06d}): "
-                          f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                history.log(epoch + 1, global_step, train_loss=train_loss, val_loss=val_loss,
+                            examples_seen=examples_seen)
         train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
         val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
         train_accs.append(train_accuracy)
@@ -138,28 +129,14 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
         if verbose:  # New: accuracy after each epoch
             print(f"Training accuracy: {train_accuracy * 100:.2f}% | "
                   f"Validation accuracy: {val_accuracy * 100:.2f}%")
-    return train_losses, val_losses, train_accs, val_accs, examples_seen
+    return history["train_loss"], history["val_loss"], train_accs, val_accs, examples_seen
 
 
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str = "loss",
                 path=None):
-    """Plot a training and a validation curve against epochs (bottom) and examples (top)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_values, marker="o", markersize=3, label=f"Training {label}")
-    ax1.plot(epochs_seen, val_values, marker="s", markersize=3, linestyle="-.",
-             label=f"Validation {label}")
-    ax1.set_xlabel("Epochs")
-    ax1.set_ylabel(label.capitalize())
-    ax1.legend()
-    ax2 = ax1.twiny()  # a second x-axis for examples seen
-    ax2.plot(examples_seen, train_values, alpha=0)  # invisible: only aligns the ticks
-    ax2.set_xlabel("Examples seen")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path)
-    plt.show()
+    """Chapter 5's plot_losses for any measure, against epochs and examples seen."""
+    plot_losses(epochs_seen, examples_seen, train_values, val_values, path, label=label,
+                seen_label="Examples seen")
 
 
 def classify_review(text: str, model, tokenizer, device, max_length: int | None = None,
@@ -169,7 +146,7 @@ def classify_review(text: str, model, tokenizer, device, max_length: int | None 
         raise ValueError("The text to classify is empty; pass the message you want to classify.")
     model.eval()
     input_ids = tokenizer.encode(text, disallowed_special=())  # typed text is text
-    context_length = model.pos_emb.weight.shape[0]
+    context_length = model.cfg.context_length
     max_length = min(max_length or len(input_ids), context_length)  # never beyond the context
     input_ids = input_ids[:max_length]
     input_ids += [pad_token_id] * (max_length - len(input_ids))

@@ -12,7 +12,7 @@ Language Model (From Scratch)*. Shapes: B batch (pairs), N sequences (2B: chosen
 rejected), T tokens, V vocabulary size.
 """
 
-__all__ = ["response_logprobs", "PreferenceDataset", "preference_collate_fn", "pair_logprobs", "dpo_loss", "frozen_reference", "dpo_loss_batch", "evaluate_dpo_loader", "logprob_margins", "train_model_dpo_simple", "plot_dpo_history"]
+__all__ = ["response_logprobs", "PreferenceDataset", "preference_collate_fn", "pair_logprobs", "dpo_loss", "frozen_reference", "dpo_loss_batch", "evaluate_dpo_loader", "logprob_margins", "DPO_LOG", "train_model_dpo_simple", "plot_dpo_history"]
 
 
 import copy
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from utils.instruct import RESPONSE_HEADER, custom_collate_fn, format_input
+from utils.train import TrainingHistory
 
 
 def response_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -155,15 +156,20 @@ def _check_separate(policy, reference) -> None:
                          "would move it too; make a separate copy with frozen_reference(policy)")
 
 
+DPO_LOG = {"train_loss": "Train loss {:.3f}", "val_loss": "Val loss {:.3f}",
+           "train_margin": "Train reward margin {:.3f}", "val_margin": "Val reward margin {:.3f}"}
+
+
 def train_model_dpo_simple(policy, reference, train_loader, val_loader, optimizer, device,
                            num_epochs: int, beta: float, eval_freq: int, eval_iter: int,
-                           verbose: bool = True) -> dict:
+                           verbose: bool = True) -> TrainingHistory:
     """Train `policy` with DPO against the frozen `reference`; every `eval_freq` steps
-    evaluate both loaders over `eval_iter` batches. Returns the history: "step" (where the
-    evaluations happened) and the train/val loss, margin, chosen and rejected rewards."""
+    evaluate both loaders over `eval_iter` batches. Returns chapter 5's history: a record per
+    evaluation with the step and the train/val loss, margin, chosen and rejected rewards
+    (`history["val_margin"]` lists one of them over the run)."""
     _check_separate(policy, reference)
     reference.eval()
-    history = {"step": []}
+    history = TrainingHistory(DPO_LOG, verbose, unpack=("train_loss", "val_loss"))
     step = -1
     for epoch in range(num_epochs):
         policy.train()
@@ -174,22 +180,16 @@ def train_model_dpo_simple(policy, reference, train_loader, val_loader, optimize
             optimizer.step()
             step += 1
             if step % eval_freq == 0:
-                history["step"].append(step)
+                measured = {}
                 for split, loader in (("train", train_loader), ("val", val_loader)):
                     result = evaluate_dpo_loader(policy, reference, loader, beta, device,
                                                  eval_iter)
-                    for key, value in result.items():
-                        history.setdefault(f"{split}_{key}", []).append(value)
-                if verbose:
-                    print(f"Ep {epoch + 1} (Step {step:06d}): "
-                          f"Train loss {history['train_loss'][-1]:.3f}, "
-                          f"Val loss {history['val_loss'][-1]:.3f}, "
-                          f"Train reward margin {history['train_margin'][-1]:.3f}, "
-                          f"Val reward margin {history['val_margin'][-1]:.3f}")
+                    measured.update({f"{split}_{key}": value for key, value in result.items()})
+                history.log(epoch + 1, step, **measured)
     return history
 
 
-def plot_dpo_history(history: dict):
+def plot_dpo_history(history: TrainingHistory):
     """Loss, reward margin, and chosen and rejected rewards on training and validation
     batches against the steps where they were evaluated; returns the figure."""
     import matplotlib.pyplot as plt

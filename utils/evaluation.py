@@ -126,7 +126,7 @@ def calc_response_loss(model, data: list, tokenizer, device, batch_size: int = 8
                        pad_token_id: int = 50256, ignore_index: int = -100) -> float:
     """Mean cross-entropy of the reference responses (prompt tokens masked) under `model`."""
     model.eval()
-    context = model.pos_emb.weight.shape[0]
+    context = model.cfg.context_length
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         pairs = [_response_example(e, tokenizer, pad_token_id, ignore_index)

@@ -12,7 +12,7 @@ functions of chapters 4 and 5. Shapes: B batch, T tokens, C embedding dim, H hea
 D head dim, V vocabulary size, N tokens of a batch (B x T).
 """
 
-__all__ = ["SDPAttention", "FastLayerNorm", "FastGELU", "set_impl", "KVCache", "forward_with_cache", "CachedGPT", "bf16_supported", "autocast_bf16", "BF16Linear", "bf16_inference_model", "fused_adamw", "compile_model", "fused_cross_entropy", "fast_loss_batch", "keep_freed_memory", "train_model_fast"]
+__all__ = ["SDPAttention", "FastLayerNorm", "FastGELU", "set_impl", "KVCache", "forward_with_cache", "CachedModel", "CachedGPT", "bf16_supported", "autocast_bf16", "BF16Linear", "bf16_inference_model", "fused_adamw", "compile_model", "fused_cross_entropy", "fast_loss_batch", "keep_freed_memory", "train_model_fast"]
 
 
 import copy
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from utils.attention import MultiHeadAttention, check_context_length
 from utils.model import GELU, GPTModel, LayerNorm, generate_text_simple
-from utils.train import evaluate_model, text_to_token_ids, token_ids_to_text
+from utils.train import TrainingHistory, evaluate_model, text_to_token_ids, token_ids_to_text
 
 
 def _split_heads(att: MultiHeadAttention, x: torch.Tensor):
@@ -88,24 +88,37 @@ def set_impl(model: nn.Module, impl: str) -> nn.Module:
 
 
 class KVCache:
-    """Keys and values of every layer for the positions processed so far."""
+    """Keys and values of every layer for the positions processed so far. Each layer's
+    `append` stores its new keys and values after the ones it holds and moves that layer's
+    count on; `length` is the number of positions every layer holds."""
 
     def __init__(self, n_layers: int, capacity: int):
         self.capacity = capacity  # most positions it can hold (the context length)
         self.keys = [None] * n_layers  # per layer (B, H, capacity, D), allocated on first use
         self.values = [None] * n_layers
-        self.length = 0  # positions filled
+        self.filled = [0] * n_layers  # positions each layer holds
+
+    @property
+    def length(self) -> int:
+        """Positions held by every layer (during a forward pass, the earlier layers hold more)."""
+        return min(self.filled)
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
-        """Store (B, H, t, D) keys and values after the filled positions; return all so far."""
+        """Store (B, H, t, D) keys and values after the layer's filled positions; return all
+        the layer holds, (B, H, filled + t, D) each."""
+        start = self.filled[layer]
+        end = start + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"The cache holds {start} of {self.capacity} positions and cannot "
+                             f"take {keys.shape[2]} more; start a new cache from the last tokens.")
         if self.keys[layer] is None:
             b, h, _, d = keys.shape
             self.keys[layer] = keys.new_empty(b, h, self.capacity, d)
             self.values[layer] = values.new_empty(b, h, self.capacity, d)
-        end = self.length + keys.shape[2]
-        self.keys[layer][:, :, self.length:end] = keys
-        self.values[layer][:, :, self.length:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, H, end, D)
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        self.filled[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 def _attend_cached(att: MultiHeadAttention, x: torch.Tensor, cache: KVCache,
@@ -114,8 +127,8 @@ def _attend_cached(att: MultiHeadAttention, x: torch.Tensor, cache: KVCache,
     from `cache` and appending the new ones."""
     b, num_new, _ = x.shape
     queries, keys, values = _split_heads(att, x)  # (B, H, t, D) each
-    start = cache.length
     keys, values = cache.append(layer, keys, values)  # (B, H, start + t, D)
+    start = keys.shape[2] - num_new  # positions cached before these
     mask = None
     if num_new > 1:  # True = may attend; row i sees columns 0 .. start + i
         mask = torch.ones(num_new, start + num_new, dtype=torch.bool, device=x.device)
@@ -128,9 +141,9 @@ def _attend_cached(att: MultiHeadAttention, x: torch.Tensor, cache: KVCache,
 
 
 def forward_with_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits (B, t, V) for the new token IDs `idx` (B, t) that follow the cached positions."""
-    num_new = idx.shape[1]
-    start = cache.length
+    """Logits (B, t, V) for the new token IDs `idx` (B, t) that follow the cached positions;
+    their keys and values join the cache."""
+    num_new, start = idx.shape[1], cache.length
     if start + num_new > cache.capacity:
         raise ValueError(f"The cache holds {start} of {cache.capacity} positions and cannot "
                          f"take {num_new} more; start a new cache from the last tokens.")
@@ -139,40 +152,64 @@ def forward_with_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache) -> to
     for layer, block in enumerate(model.trf_blocks):
         x = x + block.drop_shortcut(_attend_cached(block.att, block.norm1(x), cache, layer))
         x = x + block.drop_shortcut(block.ff(block.norm2(x)))
-    cache.length = start + num_new
     return model.out_head(model.final_norm(x))  # (B, t, V)
 
 
-class CachedGPT(nn.Module):
-    """A GPT model with a key-value cache, called like the model itself.
+class CachedModel(nn.Module):
+    """A model with a key-value cache, called like the model itself: given the whole (B, T)
+    sequence so far, it computes only the positions it has not seen and returns their logits
+    (B, t, V) in float32, so `generate_text_simple` and `generate` work unchanged (they read
+    the last position). An input that does not extend the cached tokens (a new prompt, a
+    window cropped past the context) starts a fresh cache.
 
-    Given the whole (B, T) sequence so far, it computes only the positions it has not seen
-    and returns their logits (B, t, V) in float32, so `generate_text_simple` and `generate`
-    work unchanged (they read the last position). An input that does not extend the cached
-    tokens (a new prompt, a window cropped past the context) starts a fresh cache.
+    What depends on the model is in two methods that a subclass fills in: `new_cache`
+    (how big a cache to start) and `step` (run the new tokens through the model with it).
     """
 
-    def __init__(self, model: GPTModel):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.cache: KVCache | None = None
         self.tokens: torch.Tensor | None = None  # (B, L): the IDs whose keys and values are cached
 
-    def _extends_cache(self, idx: torch.Tensor) -> bool:
+    @property
+    def cfg(self):
+        """The wrapped model's config: asked like the model itself."""
+        return self.model.cfg
+
+    def extends_cache(self, idx: torch.Tensor) -> bool:
+        """True if `idx` (B, T) is the cached tokens followed by new ones that fit the cache."""
         known = self.tokens
         return (known is not None and idx.shape[0] == known.shape[0]
-                and idx.shape[1] > known.shape[1] and torch.equal(idx[:, :known.shape[1]], known))
+                and known.shape[1] < idx.shape[1] <= self.cache.capacity
+                and torch.equal(idx[:, :known.shape[1]], known))
+
+    def new_cache(self, idx: torch.Tensor) -> KVCache:
+        raise NotImplementedError
+
+    def step(self, new_idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if self._extends_cache(idx):
+        if self.extends_cache(idx):
             new = idx[:, self.tokens.shape[1]:]  # (B, t): only what the cache lacks
         else:
-            self.cache = KVCache(len(self.model.trf_blocks), self.model.pos_emb.num_embeddings)
+            self.cache = self.new_cache(idx)
             new = idx
-        logits = forward_with_cache(self.model, new, self.cache)  # (B, t, V)
+        logits = self.step(new)  # (B, t, V)
         self.tokens = idx
         return logits.float()
+
+
+class CachedGPT(CachedModel):
+    """A `GPTModel` with a key-value cache for its whole context (see `CachedModel`)."""
+
+    def new_cache(self, idx: torch.Tensor) -> KVCache:
+        return KVCache(self.model.cfg.n_layers, self.model.cfg.context_length)
+
+    def step(self, new_idx: torch.Tensor) -> torch.Tensor:
+        return forward_with_cache(self.model, new_idx, self.cache)
 
 
 def bf16_supported(device) -> bool:
@@ -372,31 +409,31 @@ def keep_freed_memory(enabled: bool = True) -> bool:
 
 
 def _print_sample_fast(model, tokenizer, device, start_context: str, bf16: bool,
-                       max_new_tokens: int = 50) -> None:
+                       max_new_tokens: int = 50) -> str:
     """generate_and_print_sample of chapter 5, through the KV cache (and bfloat16 weights)."""
     model.eval()
     runner = CachedGPT(bf16_inference_model(model) if bf16 else model)
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
-    token_ids = generate_text_simple(runner, encoded, max_new_tokens,
-                                     model.pos_emb.num_embeddings)
-    print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
+    token_ids = generate_text_simple(runner, encoded, max_new_tokens, model.cfg.context_length)
+    sample = token_ids_to_text(token_ids, tokenizer).replace("\n", " ")
+    print(sample)
     model.train()
+    return sample
 
 
 def train_model_fast(model, train_loader, val_loader, optimizer, device, num_epochs: int,
                      eval_freq: int, eval_iter: int, start_context: str, tokenizer,
-                     verbose: bool = True, bf16="auto"
-                     ) -> tuple[list[float], list[float], list[int]]:
+                     verbose: bool = True, bf16="auto") -> TrainingHistory:
     """train_model_simple of chapter 5 with bfloat16 autocast where native (bf16="auto"),
     the fused cross-entropy, one weight cast per evaluation and KV-cache samples; returns
-    the same training losses, validation losses and tokens seen."""
+    the same history."""
     device = torch.device(device)
     use_bf16 = bf16_supported(device) if bf16 == "auto" else bool(bf16)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    train_losses, val_losses, track_tokens_seen = [], [], []
+    history = TrainingHistory(verbose=verbose)
     tokens_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         model.train()
@@ -414,12 +451,9 @@ def train_model_fast(model, train_loader, val_loader, optimizer, device, num_epo
                 with autocast():  # New: one region, so one cast of each weight
                     train_loss, val_loss = evaluate_model(model, train_loader, val_loader,
                                                           device, eval_iter)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(tokens_seen)
-                if verbose:
-                    print(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, "
-                          f"Val loss {val_loss:.3f}, tokens seen {tokens_seen:,}")
+                history.log(epoch + 1, global_step, train_loss=train_loss, val_loss=val_loss,
+                            tokens_seen=tokens_seen)
         if verbose:  # New: through the KV cache
-            _print_sample_fast(model, tokenizer, device, start_context, use_bf16)
-    return train_losses, val_losses, track_tokens_seen
+            history.samples.append(
+                _print_sample_fast(model, tokenizer, device, start_context, use_bf16))
+    return history

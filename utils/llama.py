@@ -12,11 +12,10 @@ Shapes: B batch, T tokens, C embedding dim, H query heads, G key-value heads (gr
 D head dim, F feed-forward width, V vocabulary size.
 """
 
-__all__ = ["RopeScaling", "LlamaConfig", "LLAMA32_1B", "QWEN3_0_6B", "LLAMA_TINY", "QWEN3_TINY", "RMSNorm", "rope_frequencies", "rope_angles", "apply_rope", "SwiGLUFeedForward", "GroupedQueryAttention", "kv_cache_bytes", "LlamaBlock", "LlamaModel", "CachedLlama", "config_from_hf", "load_hf_weights_into_llama", "CHAT_STOP_TOKENS", "format_chat", "HubTokenizer", "PRETRAINED_LLAMAS", "load_llama_checkpoint", "load_pretrained_llama"]
+__all__ = ["RopeScaling", "LlamaConfig", "LLAMA32_1B", "QWEN3_0_6B", "LLAMA_TINY", "QWEN3_TINY", "RMSNorm", "rope_frequencies", "rope_angles", "rope_tables", "apply_rope", "SwiGLUFeedForward", "GroupedQueryAttention", "kv_cache_bytes", "LlamaBlock", "LlamaModel", "CachedLlama", "config_from_hf", "load_hf_weights_into_llama", "CHAT_STOP_TOKENS", "format_chat", "HubTokenizer", "PRETRAINED_LLAMAS", "load_llama_checkpoint", "load_pretrained_llama"]
 
 
 import dataclasses
-import difflib
 import json
 import math
 from collections.abc import Mapping
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from utils.core.download import AssetUnavailableError, fetch
-from utils.fast import CachedGPT, KVCache
+from utils.core.messages import unknown_name
+from utils.fast import CachedModel, KVCache
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,12 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor):
     return angles.cos(), angles.sin()
 
 
+def rope_tables(cfg: "LlamaConfig", device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines (context_length, D) for every position a model of `cfg` can see."""
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_base, cfg.rope_scaling, device=device)
+    return rope_angles(torch.arange(cfg.context_length, device=device), inv_freq)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair of dimensions (i, i + D/2) of `x` (B, H, T, D) by its angle."""
     half = x.shape[-1] // 2
@@ -183,8 +189,8 @@ class GroupedQueryAttention(nn.Module):
         values = values.transpose(1, 2)  # (B, G, T, D)
         start = 0
         if cache is not None:  # the cache keeps G heads per layer: the memory GQA saves
-            start = cache.length
             keys, values = cache.append(layer, keys, values)  # (B, G, start + T, D)
+            start = keys.shape[2] - num_tokens  # positions cached before these
         keys = keys.repeat_interleave(self.group_size, dim=1)  # (B, H, L, D): query head h
         values = values.repeat_interleave(self.group_size, dim=1)  # reads group h // group_size
         mask = None  # one new token may see everything; else token i sees 0 .. start + i
@@ -234,6 +240,9 @@ class LlamaModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # one (V, C) matrix reads tokens in and scores them out
             self.out_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg)  # (context, D) each: computed once, sliced per call
+        self.register_buffer("cos", cos, persistent=False)  # not weights: never saved
+        self.register_buffer("sin", sin, persistent=False)
         for module in self.modules():  # as Llama and Qwen3 are initialised (norms start at 1)
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -247,22 +256,19 @@ class LlamaModel(nn.Module):
         if start + num_tokens > self.cfg.context_length:
             raise ValueError(f"{start} cached + {num_tokens} new tokens exceed the context "
                              f"length {self.cfg.context_length}; keep the last tokens only.")
-        positions = torch.arange(start, start + num_tokens, device=in_idx.device)  # (T,)
-        inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_scaling,
-                                    device=in_idx.device)
-        cos, sin = rope_angles(positions, inv_freq)  # (T, D) each, shared by every block
+        cos = self.cos[start:start + num_tokens]  # (T, D): the rows of these positions,
+        sin = self.sin[start:start + num_tokens]  # shared by every block
         x = self.tok_emb(in_idx)  # (B, T, C)
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, cos, sin, cache, layer)
-        if cache is not None:
-            cache.length = start + num_tokens
         return self.out_head(self.final_norm(x))  # (B, T, V)
 
 
-class CachedLlama(CachedGPT):
-    """A `LlamaModel` with a key-value cache, called like chapter 8's `CachedGPT`: given the
-    whole (B, T) sequence so far, it computes only the positions it has not seen and returns
-    their float32 logits, so `generate_text_simple` and `generate` use it unchanged.
+class CachedLlama(CachedModel):
+    """A `LlamaModel` with a key-value cache, called like chapter 8's `CachedGPT` (both are
+    `CachedModel`s): given the whole (B, T) sequence so far, it computes only the positions
+    it has not seen and returns their float32 logits, so `generate_text_simple` and
+    `generate` use it unchanged.
 
     The cache holds G key-value heads per layer. It is allocated for `min_capacity` positions
     (or twice the prompt); when it is full, the next call starts a cache twice as long from
@@ -273,18 +279,12 @@ class CachedLlama(CachedGPT):
         super().__init__(model)
         self.min_capacity = min_capacity
 
-    @torch.no_grad()
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if self._extends_cache(idx) and idx.shape[1] <= self.cache.capacity:
-            new = idx[:, self.tokens.shape[1]:]  # (B, t): only what the cache lacks
-        else:  # a new sequence, or no room left: start again with room to grow
-            cfg = self.model.cfg
-            capacity = min(cfg.context_length, max(2 * idx.shape[1], self.min_capacity))
-            self.cache = KVCache(cfg.n_layers, capacity)
-            new = idx
-        logits = self.model(new, cache=self.cache)  # (B, t, V)
-        self.tokens = idx
-        return logits.float()
+    def new_cache(self, idx: torch.Tensor) -> KVCache:
+        cfg = self.model.cfg  # room to grow, within the context
+        return KVCache(cfg.n_layers, min(cfg.context_length, max(2 * idx.shape[1], self.min_capacity)))
+
+    def step(self, new_idx: torch.Tensor) -> torch.Tensor:
+        return self.model(new_idx, cache=self.cache)  # (B, t, V)
 
 
 def config_from_hf(hf: Mapping) -> LlamaConfig:
@@ -467,6 +467,8 @@ def _empty_llama(cfg: LlamaConfig, dtype: torch.dtype, device) -> LlamaModel:
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
         model.out_head.weight = model.tok_emb.weight
+    cos, sin = rope_tables(cfg, device)  # to_empty left these uninitialized too
+    model.cos, model.sin = cos.to(dtype), sin.to(dtype)
     return model
 
 
@@ -491,10 +493,7 @@ def load_pretrained_llama(repo_id: str = "Qwen/Qwen3-0.6B", dtype: torch.dtype =
     download registry with checksums verified. A file that cannot be had is an
     `AssetUnavailableError` saying which, where it looked, and how to get it."""
     if repo_id not in PRETRAINED_LLAMAS:
-        close = difflib.get_close_matches(repo_id, PRETRAINED_LLAMAS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown checkpoint {repo_id!r}.{hint} "
-                         f"Choose one of: {', '.join(PRETRAINED_LLAMAS)}.")
+        raise ValueError(unknown_name("checkpoint", repo_id, PRETRAINED_LLAMAS))
     try:  # the three files land side by side, e.g. data/qwen3-0.6b/
         paths = [fetch(f"{PRETRAINED_LLAMAS[repo_id]}-{part}", progress=progress)
                  for part in ("config", "tokenizer", "weights")]

@@ -7,11 +7,10 @@ Built in notebooks/05_pretraining.ipynb (section 5.5). Accepts both naming style
 saved by current `transformers` (`transformer.` prefix, optional `lm_head.weight`).
 """
 
-__all__ = ["load_weights_into_gpt", "GPT2_WEIGHT_ASSETS", "load_pretrained_gpt2"]
+__all__ = ["load_weights_into_gpt", "GPT2_WEIGHT_ASSETS", "load_pretrained_gpt2", "gpt2_stand_in_reason", "load_chapter5_model"]
 
 
 import dataclasses
-import difflib
 
 import torch
 from safetensors.torch import load_file
@@ -19,7 +18,8 @@ from safetensors.torch import load_file
 from utils.checkpoint import chapter5_checkpoint, checkpoint_info, load_checkpoint
 from utils.core.download import AssetUnavailableError, fetch
 from utils.core.paths import shown_path
-from utils.core.runinfo import ENV_FALLBACK, fallback_mode, gpt2_stand_in_reason
+from utils.core.messages import unknown_name
+from utils.core.runinfo import stand_in_reason
 from utils.model import GPT2_PRESETS, GPTModel
 
 
@@ -114,21 +114,11 @@ GPT2_WEIGHT_ASSETS = {
 
 
 def load_pretrained_gpt2(model_name: str = "gpt2-small (124M)", progress: bool = True) -> GPTModel:
-    """GPTModel with OpenAI's GPT-2 weights (context 1024, qkv bias, no dropout), in eval mode;
-    or, with `$LLM_COURSE_FALLBACK=1` or offline without the weights, chapter 5's model."""
+    """GPTModel with OpenAI's GPT-2 weights (context 1024, qkv bias, no dropout), in eval
+    mode. Weights that cannot be had are an `AssetUnavailableError` that says how to get them."""
     if model_name not in GPT2_WEIGHT_ASSETS:
-        close = difflib.get_close_matches(model_name, GPT2_WEIGHT_ASSETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown model name {model_name!r}.{hint} "
-                         f"Choose one of: {', '.join(GPT2_WEIGHT_ASSETS)}.")
-    reason = gpt2_stand_in_reason(GPT2_WEIGHT_ASSETS[model_name])
-    if reason is not None and (fallback_mode() or chapter5_checkpoint().is_file()):
-        return _chapter5_stand_in(model_name, reason)
-    try:
-        path = fetch(GPT2_WEIGHT_ASSETS[model_name], progress=progress)
-    except AssetUnavailableError as exc:
-        raise AssetUnavailableError(f"{exc}\n(Offline, running notebooks/05_pretraining.ipynb "
-                                    f"first provides a stand-in model.)") from exc
+        raise ValueError(unknown_name("model name", model_name, GPT2_WEIGHT_ASSETS))
+    path = fetch(GPT2_WEIGHT_ASSETS[model_name], progress=progress)
     cfg = dataclasses.replace(GPT2_PRESETS[model_name], context_length=1024, qkv_bias=True,
                               drop_rate=0.0)
     model = GPTModel(cfg)
@@ -136,16 +126,23 @@ def load_pretrained_gpt2(model_name: str = "gpt2-small (124M)", progress: bool =
     return model.eval()
 
 
-def _chapter5_stand_in(model_name: str, reason: str) -> GPTModel:
+def gpt2_stand_in_reason(model_name: str = "gpt2-small (124M)") -> str | None:
+    """Why chapter 5's model has to stand in for OpenAI's `model_name` here, or None when
+    `load_pretrained_gpt2(model_name)` will load GPT-2 itself: `$LLM_COURSE_FALLBACK=1`, or
+    its weights are not on this machine and may not be downloaded."""
+    if model_name not in GPT2_WEIGHT_ASSETS:
+        raise ValueError(unknown_name("model name", model_name, GPT2_WEIGHT_ASSETS))
+    return stand_in_reason(GPT2_WEIGHT_ASSETS[model_name])
+
+
+def load_chapter5_model() -> GPTModel:
+    """The model pretrained in this chapter, in eval mode and without dropout (as GPT-2 is
+    loaded): the stand-in for GPT-2 where its weights cannot be had."""
     path = chapter5_checkpoint()
     if not path.is_file():
         raise AssetUnavailableError(
-            f"${ENV_FALLBACK}=1 asks for chapter 5's model instead of {model_name}, but "
-            f"{shown_path(path)} is missing: run notebooks/05_pretraining.ipynb first, or "
-            f"unset ${ENV_FALLBACK} to load GPT-2 itself.")
-    print(f"NOTICE: instead of OpenAI's {model_name}, this uses the model pretrained in chapter "
-          f"5 ({path.name}), because {reason}. It knows one short story, so its results are "
-          f"far weaker than GPT-2's.")
+            f"{shown_path(path)} is missing: run notebooks/05_pretraining.ipynb first, which "
+            f"trains and saves it.")
     stored = checkpoint_info(path)["config"]
     model = GPTModel(dataclasses.replace(stored, drop_rate=0.0))  # no dropout, as for GPT-2
     return load_checkpoint(path, model=model).eval()

@@ -7,8 +7,10 @@ Built in notebooks/05_pretraining.ipynb, following chapter 5 of S. Raschka, *Bui
 Language Model (From Scratch)*. Shapes: B batch, T tokens, V vocabulary size.
 """
 
-__all__ = ["text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader", "evaluate_model", "generate_and_print_sample", "train_model_simple", "plot_losses"]
+__all__ = ["text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader", "evaluate_model", "generate_and_print_sample", "LOSS_LOG", "format_log_line", "TrainingHistory", "train_model_simple", "plot_losses"]
 
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,10 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
 
 
-def calc_loss_loader(data_loader, model, device, num_batches: int | None = None) -> float:
-    """Average loss over the first `num_batches` batches (all if None); NaN if empty."""
+def calc_loss_loader(data_loader, model, device, num_batches: int | None = None,
+                     loss_batch=calc_loss_batch) -> float:
+    """Average `loss_batch` (by default the next-token loss) over the first `num_batches`
+    batches (all if None); NaN if empty."""
     if len(data_loader) == 0:
         return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
@@ -44,39 +48,81 @@ def calc_loss_loader(data_loader, model, device, num_batches: int | None = None)
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
+        total_loss += loss_batch(input_batch, target_batch, model, device).item()
     return total_loss / num_batches
 
 
-def evaluate_model(model, train_loader, val_loader, device, eval_iter: int) -> tuple[float, float]:
+def evaluate_model(model, train_loader, val_loader, device, eval_iter: int,
+                   loss_batch=calc_loss_batch) -> tuple[float, float]:
     """Training and validation loss over `eval_iter` batches each, in eval mode."""
     model.eval()
     with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, loss_batch)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, loss_batch)
     model.train()
     return train_loss, val_loss
 
 
 def generate_and_print_sample(model, tokenizer, device, start_context: str,
-                              max_new_tokens: int = 50) -> None:
-    """Print a greedy continuation of `start_context` on one line."""
+                              max_new_tokens: int = 50) -> str:
+    """Print a greedy continuation of `start_context` on one line, and return it."""
     model.eval()
-    context_size = model.pos_emb.weight.shape[0]
+    context_size = model.cfg.context_length  # asked through the config: any model works
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
     with torch.no_grad():
         token_ids = generate_text_simple(model, encoded, max_new_tokens, context_size)
-    print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
+    sample = token_ids_to_text(token_ids, tokenizer).replace("\n", " ")
+    print(sample)
     model.train()
+    return sample
+
+
+LOSS_LOG = {"train_loss": "Train loss {:.3f}", "val_loss": "Val loss {:.3f}",
+            "tokens_seen": "tokens seen {:,}"}  # what chapter 5's log line shows, in order
+
+
+def format_log_line(record: dict, formats: dict = LOSS_LOG) -> str:
+    """One evaluation as a log line, e.g. "Ep 1 (Step 000005): Train loss 8.111, ..."."""
+    shown = ", ".join(fmt.format(record[key]) for key, fmt in formats.items())
+    return f"Ep {record['epoch']} (Step {record['step']:06d}): {shown}"
+
+
+class TrainingHistory:
+    """What a training run measured: one record (a dict) per evaluation, holding the epoch
+    (from 1), the step (from 0), the measured values and the seconds since the run started,
+    plus the sample texts. `history["val_loss"]` lists one value over the run, and
+    `train_losses, val_losses, tokens_seen = history` unpacks it as the book's loop returns."""
+
+    def __init__(self, log_formats: dict = LOSS_LOG, verbose: bool = True,
+                 unpack: tuple = ("train_loss", "val_loss", "tokens_seen")):
+        self.log_formats, self.verbose, self.unpack = log_formats, verbose, unpack
+        self.records: list[dict] = []
+        self.samples: list[str] = []
+        self.start = time.perf_counter()
+
+    def log(self, epoch: int, step: int, **values) -> dict:
+        """Record one evaluation (and print its log line if verbose)."""
+        record = {"epoch": epoch, "step": step, **values,
+                  "seconds": time.perf_counter() - self.start}
+        self.records.append(record)
+        if self.verbose:
+            print(format_log_line(record, self.log_formats), flush=True)
+        return record
+
+    def __getitem__(self, key: str) -> list:
+        return [record[key] for record in self.records]
+
+    def __iter__(self):
+        return iter([self[key] for key in self.unpack])
 
 
 def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs: int,
                        eval_freq: int, eval_iter: int, start_context: str, tokenizer,
-                       verbose: bool = True
-                       ) -> tuple[list[float], list[float], list[int]]:
-    """Pretrain `model`; return training losses, validation losses and tokens seen at each
-    evaluation. Prints the losses every `eval_freq` steps and a sample after each epoch."""
-    train_losses, val_losses, track_tokens_seen = [], [], []
+                       verbose: bool = True) -> TrainingHistory:
+    """Pretrain `model`, evaluating every `eval_freq` steps (printed if verbose, with a sample
+    after each epoch); returns the history, which unpacks to training losses, validation
+    losses and tokens seen at each evaluation."""
+    history = TrainingHistory(verbose=verbose)
     tokens_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         model.train()
@@ -90,33 +136,32 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
             if global_step % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device,
                                                       eval_iter)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(tokens_seen)
-                if verbose:
-                    print(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, "
-                          f"Val loss {val_loss:.3f}, tokens seen {tokens_seen:,}")
+                history.log(epoch + 1, global_step, train_loss=train_loss, val_loss=val_loss,
+                            tokens_seen=tokens_seen)
         if verbose:
-            generate_and_print_sample(model, tokenizer, device, start_context)
-    return train_losses, val_losses, track_tokens_seen
+            history.samples.append(
+                generate_and_print_sample(model, tokenizer, device, start_context))
+    return history
 
 
-def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path=None):
-    """Plot training and validation loss against epochs (bottom) and tokens seen (top)."""
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path=None,
+                label: str = "loss", seen_label: str = "Tokens seen"):
+    """Plot a training and a validation curve (losses by default) against epochs (bottom)
+    and tokens seen (top; `seen_label` names another count)."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_losses, marker="o", markersize=3, label="Training loss")
+    ax1.plot(epochs_seen, train_losses, marker="o", markersize=3, label=f"Training {label}")
     ax1.plot(epochs_seen, val_losses, marker="s", markersize=3, linestyle="-.",
-             label="Validation loss")
+             label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
-    ax1.set_ylabel("Loss")
-    ax1.legend(loc="upper right")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend()
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax1.twiny()  # a second x-axis sharing the same y-axis
     ax2.plot(tokens_seen, train_losses, alpha=0)  # invisible: only aligns the ticks
-    ax2.set_xlabel("Tokens seen")
+    ax2.set_xlabel(seen_label)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path)

@@ -8,14 +8,15 @@ Built in notebooks/appendix_D_training_extras.ipynb, following appendix D of S. 
 (2017), "SGDR: Stochastic Gradient Descent with Warm Restarts".
 """
 
-__all__ = ["lr_at_step", "find_highest_gradient", "train_model"]
+__all__ = ["lr_at_step", "find_highest_gradient", "LR_LOG", "train_model"]
 
 
 import math
 
 import torch
 
-from utils.train import calc_loss_batch, evaluate_model, generate_and_print_sample
+from utils.train import (TrainingHistory, calc_loss_batch, evaluate_model,
+                         generate_and_print_sample)
 
 
 def lr_at_step(step: int, total_steps: int, warmup_steps: int, initial_lr: float,
@@ -33,13 +34,18 @@ def find_highest_gradient(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack(grads).max() if grads else None
 
 
+LR_LOG = {"train_loss": "Train loss {:.3f}", "val_loss": "Val loss {:.3f}", "lr": "lr {:.2e}"}
+
+
 def train_model(model, train_loader, val_loader, optimizer, device, n_epochs: int,
                 eval_freq: int, eval_iter: int, start_context: str, tokenizer,
                 warmup_steps: int, initial_lr: float = 3e-05, min_lr: float = 1e-6,
                 max_grad_norm: float = 1.0, verbose: bool = True):
     """Train with warmup, cosine decay (peak = the optimizer's lr) and gradient clipping.
-    Returns (train_losses, val_losses, tokens_seen, learning_rates)."""
-    train_losses, val_losses, track_tokens_seen, track_lrs = [], [], [], []
+    Returns (train_losses, val_losses, tokens_seen, learning_rates): the first three at
+    each evaluation, the learning rate at every step."""
+    history = TrainingHistory(LR_LOG, verbose)  # New: the learning rate in the log line
+    track_lrs = []
     tokens_seen, global_step = 0, -1
     peak_lr = optimizer.param_groups[0]["lr"]
     total_steps = len(train_loader) * n_epochs
@@ -60,12 +66,10 @@ def train_model(model, train_loader, val_loader, optimizer, device, n_epochs: in
             tokens_seen += input_batch.numel()
             if global_step % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(tokens_seen)
-                if verbose:
-                    print(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, "
-                          f"Val loss {val_loss:.3f}, lr {lr:.2e}")
+                history.log(epoch + 1, global_step, train_loss=train_loss, val_loss=val_loss,
+                            tokens_seen=tokens_seen, lr=lr)
         if verbose:
-            generate_and_print_sample(model, tokenizer, device, start_context)
+            history.samples.append(
+                generate_and_print_sample(model, tokenizer, device, start_context))
+    train_losses, val_losses, track_tokens_seen = history
     return train_losses, val_losses, track_tokens_seen, track_lrs

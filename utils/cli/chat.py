@@ -38,7 +38,7 @@ def stream_response(model, prompt_ids: list[int], max_new_tokens: int, temperatu
     The model runs behind notebook 08's key-value cache, so each token costs one position
     rather than the whole conversation; past the context length each token costs a full
     window, exactly as chapter 5's `generate` computes it."""
-    context = model.pos_emb.weight.shape[0]
+    context = model.cfg.context_length
     cached = CachedGPT(model)
     idx = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     for _ in range(max_new_tokens):
@@ -53,7 +53,7 @@ def stream_response(model, prompt_ids: list[int], max_new_tokens: int, temperatu
 def _answer(model, tokenizer, instruction: str, args, out) -> None:
     prompt = format_input({"instruction": instruction, "input": ""}) + RESPONSE_HEADER
     prompt_ids = tokenizer.encode(prompt, disallowed_special=())  # typed "<|endoftext|>" is text
-    context = model.pos_emb.weight.shape[0]
+    context = model.cfg.context_length
     if len(prompt_ids) >= context:
         print(f"[That instruction is {len(prompt_ids)} tokens with the prompt template, but this "
               f"model reads at most {context} tokens, including its answer. Please shorten it.]",

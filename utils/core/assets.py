@@ -12,8 +12,9 @@ Chapter 9's open models are pinned to one Hub revision each: the canonical addre
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
+
+from utils.core.messages import unknown_name
 
 __all__ = ["Asset", "ASSETS", "get_asset", "UnknownAssetError"]
 
@@ -127,8 +128,4 @@ def get_asset(name: str) -> Asset:
     """Look up an asset by name, with a did-you-mean hint for typos."""
     if name in ASSETS:
         return ASSETS[name]
-    close = difflib.get_close_matches(name, ASSETS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise UnknownAssetError(
-        f"Unknown asset {name!r}.{hint} Known assets: {', '.join(ASSETS)}."
-    )
+    raise UnknownAssetError(unknown_name("asset", name, ASSETS))

@@ -13,7 +13,9 @@ check). Downloads go to `NAME.part` and are renamed only when complete and verif
 interrupted download never leaves a file that looks finished; the next call continues the
 `.part` file where the server allows it. Processes that fetch the same file at once (two
 notebooks, DDP ranks) take turns through a lock file: one downloads, the others then find
-the verified copy. With `$LLM_COURSE_OFFLINE=1` the network is never touched. An asset
+the verified copy. With `$LLM_COURSE_OFFLINE=1` the network is never touched, and with
+`$LLM_COURSE_MAX_DOWNLOAD_MB=N` no file larger than N MB is downloaded (the tests set 100,
+so that a test run never starts a download of model weights). An asset
 that needs an access token (a gated model on the Hugging Face Hub) names an environment
 variable, `HF_TOKEN`; its value is sent as a bearer token to the asset's own host only (also
 after a redirect within that host), never to the storage servers the host redirects to.
@@ -39,20 +41,21 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.core.assets import Asset, get_asset
+from utils.core.env import env_flag, env_number
 from utils.core.paths import REPO_ROOT, shown_path
 
 __all__ = [
-    "fetch", "verify_file", "default_data_dir", "offline_mode",
+    "fetch", "fetch_refusal", "verify_file", "default_data_dir", "offline_mode",
     "AssetUnavailableError", "MirrorNotFoundError",
-    "ENV_DATA_DIR", "ENV_MIRROR", "ENV_OFFLINE",
+    "ENV_DATA_DIR", "ENV_MIRROR", "ENV_OFFLINE", "ENV_MAX_DOWNLOAD_MB",
 ]
 
 ENV_DATA_DIR = "LLM_COURSE_DATA"  # overrides the cache folder
 ENV_MIRROR = "LLM_COURSE_MIRROR"  # a folder laid out like data/, consulted before the network
 ENV_OFFLINE = "LLM_COURSE_OFFLINE"  # "1": never use the network
+ENV_MAX_DOWNLOAD_MB = "LLM_COURSE_MAX_DOWNLOAD_MB"  # larger files: cache or mirror only
 PROGRESS_MIN_BYTES = 1 << 20  # files below 1 MiB download without a progress bar
 _CHUNK = 1 << 20
-_TRUTHY = {"1", "true", "yes", "on"}
 
 
 class AssetUnavailableError(RuntimeError):
@@ -75,7 +78,7 @@ def default_data_dir() -> Path:
 
 def offline_mode() -> bool:
     """True when `$LLM_COURSE_OFFLINE` is set to 1/true/yes/on."""
-    return os.environ.get(ENV_OFFLINE, "").strip().lower() in _TRUTHY
+    return env_flag(ENV_OFFLINE)
 
 
 def _sha256(path: Path) -> str:
@@ -197,6 +200,21 @@ def fetch(name: str, *, data_dir: str | os.PathLike | None = None,
                              progress, timeout, retries)
 
 
+def fetch_refusal(name: str) -> str | None:
+    """Why `fetch(name)` would fail here without trying: the file is neither in the cache
+    nor in the mirror, and the network may not be used for it (offline mode, or larger than
+    the download limit). None when it is on this machine or may be downloaded."""
+    asset = get_asset(name)
+    refusal = _network_refusal(asset, offline_mode())
+    if refusal is None:
+        return None
+    mirror = _mirror_dir(None)
+    places = [default_data_dir()] + ([mirror] if mirror is not None else [])
+    if any((place / asset.filename).is_file() for place in places):
+        return None
+    return f"{asset.filename} is not on this machine and {refusal}"
+
+
 def _fetch_locked(asset: Asset, dest: Path, mirror, offline: bool, progress: bool,
                   timeout: float, retries: int) -> Path:
     looked: list[str] = []
@@ -224,8 +242,9 @@ def _fetch_locked(asset: Asset, dest: Path, mirror, offline: bool, progress: boo
             return dest
         looked.append(f"offline mirror {source}: {fault}")
 
-    if offline:
-        looked.append(f"network: not tried, offline mode is on (${ENV_OFFLINE}=1)")
+    refusal = _network_refusal(asset, offline)
+    if refusal:
+        looked.append(f"network: not tried, {refusal}")
     else:
         for url in asset.urls:
             try:
@@ -236,6 +255,22 @@ def _fetch_locked(asset: Asset, dest: Path, mirror, offline: bool, progress: boo
             except _DownloadError as exc:
                 looked.append(f"{url}: {exc}")
     raise AssetUnavailableError(_explain(asset, dest, looked, offline))
+
+
+def _network_refusal(asset: Asset, offline: bool) -> str | None:
+    """Why the network must not be used for `asset` here, or None."""
+    if offline:
+        return f"offline mode is on (${ENV_OFFLINE}=1)"
+    limit = env_number(ENV_MAX_DOWNLOAD_MB)
+    if limit is None:
+        return None
+    if asset.size is None:  # the registry does not know it: only an explicit yes fetches it
+        return (f"its size is not known in advance and ${ENV_MAX_DOWNLOAD_MB}={limit:g} "
+                f"allows downloads up to {limit:g} MB")
+    if asset.size > limit * 1e6:
+        return (f"the file is {asset.size / 1e6:,.0f} MB and ${ENV_MAX_DOWNLOAD_MB}={limit:g} "
+                f"allows downloads up to {limit:g} MB")
+    return None
 
 
 def _explain(asset: Asset, dest: Path, looked: list[str], offline: bool) -> str:
@@ -254,6 +289,8 @@ def _explain(asset: Asset, dest: Path, looked: list[str], offline: bool) -> str:
                      f"logged in, create an access token and set ${asset.token_env} to it")
     if offline:
         lines.append(f"  - or unset {ENV_OFFLINE} on a machine with internet access")
+    elif _network_refusal(asset, offline):
+        lines.append(f"  - or unset {ENV_MAX_DOWNLOAD_MB} to allow this download")
     else:
         lines.append("  - or check your internet connection and run the cell again")
     return "\n".join(lines)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from utils.core.env import env_flag
+
 __all__ = ["REPO_ROOT", "checkpoint_dir", "quick_mode", "shown_path", "ENV_CHECKPOINTS",
            "ENV_QUICK"]
 
@@ -26,7 +28,7 @@ def checkpoint_dir() -> Path:
 
 def quick_mode() -> bool:
     """True when `$LLM_COURSE_QUICK` is 1/true/yes/on: notebooks shrink their long runs."""
-    return os.environ.get(ENV_QUICK, "").strip().lower() in {"1", "true", "yes", "on"}
+    return env_flag(ENV_QUICK)
 
 
 def shown_path(path) -> str:

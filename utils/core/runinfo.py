@@ -6,7 +6,9 @@ Two environment variables change what the training-heavy notebooks do:
 - `LLM_COURSE_QUICK=1`: the long training runs shrink to a few steps (`quick_mode()`);
 - `LLM_COURSE_FALLBACK=1`: wherever a notebook would load OpenAI's GPT-2 weights it uses the
   small model pretrained in chapter 5 instead (`fallback_mode()`). Without it, the stand-in is
-  used only offline (`LLM_COURSE_OFFLINE=1`) when the weights cannot be found.
+  used only where the weights are not on the machine and may not be downloaded (offline
+  mode, or the download limit). The notebook makes that choice in a cell of its own
+  (`stand_in_reason()`); the weight loaders only ever load what they are asked for.
 
 The saved outputs of the notebooks come from a run with both set, so that they are the same
 with or without internet access. `run_banner` prints, at the top of such a notebook, which
@@ -16,34 +18,44 @@ applies here and what a full run on GPT-2 gives.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from utils.core.assets import get_asset
-from utils.core.download import ENV_MIRROR, ENV_OFFLINE, default_data_dir, offline_mode
+from utils.core.device import ENV_DEVICE
+from utils.core.download import ENV_MAX_DOWNLOAD_MB, fetch_refusal
+from utils.core.env import env_flag
 from utils.core.paths import ENV_QUICK, quick_mode
 
-__all__ = ["ENV_FALLBACK", "fallback_mode", "gpt2_stand_in_reason", "run_banner"]
+__all__ = ["ENV_FALLBACK", "SAVED_OUTPUT_SETTINGS", "use_saved_output_settings",
+           "fallback_mode", "stand_in_reason", "run_banner"]
 
 ENV_FALLBACK = "LLM_COURSE_FALLBACK"  # "1": chapter 5's model stands in for GPT-2
+
+# How the saved notebook outputs are produced and tested (the tests and the re-execution tool
+# apply these): on the CPU, in quick mode, with chapter 5's model in place of GPT-2 (the same
+# with or without internet), and never downloading a file over 100 MB (model weights are
+# fetched only when a maintainer asks for them by setting the limit higher or empty).
+SAVED_OUTPUT_SETTINGS = {ENV_DEVICE: "cpu", ENV_QUICK: "1", ENV_FALLBACK: "1",
+                         ENV_MAX_DOWNLOAD_MB: "100"}
+
+
+def use_saved_output_settings() -> None:
+    """Apply SAVED_OUTPUT_SETTINGS to this process (and the kernels it starts), except for
+    variables already set."""
+    for name, value in SAVED_OUTPUT_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
 
 def fallback_mode() -> bool:
     """True when `$LLM_COURSE_FALLBACK` is 1/true/yes/on."""
-    return os.environ.get(ENV_FALLBACK, "").strip().lower() in {"1", "true", "yes", "on"}
+    return env_flag(ENV_FALLBACK)
 
 
-def gpt2_stand_in_reason(asset_name: str) -> str | None:
-    """Why chapter 5's model will stand in for the GPT-2 weights `asset_name`, or None if the
-    real weights will be used (cached, in the mirror, or downloadable)."""
+def stand_in_reason(asset_name: str) -> str | None:
+    """Why a stand-in must replace the pretrained weights `asset_name` here, or None if the
+    real weights will be used (on this machine, or downloadable): the learner asked for it
+    (`$LLM_COURSE_FALLBACK=1`), or the file is not here and may not be downloaded."""
     if fallback_mode():
         return f"${ENV_FALLBACK}=1 is set"
-    if not offline_mode():
-        return None
-    filename = get_asset(asset_name).filename
-    mirror = os.environ.get(ENV_MIRROR, "").strip()
-    found = (default_data_dir() / filename).is_file() or bool(mirror) and (
-        Path(mirror) / filename).is_file()
-    return None if found else f"offline (${ENV_OFFLINE}=1) and the weights are not on this machine"
+    return fetch_refusal(asset_name)
 
 
 def run_banner(quick: str | None = None, gpt2: tuple[str, str] | None = None,
@@ -60,7 +72,7 @@ def run_banner(quick: str | None = None, gpt2: tuple[str, str] | None = None,
                      else "Full size: quick mode is off.")
     if gpt2 is not None:
         name, asset = gpt2
-        reason = gpt2_stand_in_reason(asset)
+        reason = stand_in_reason(asset)
         lines.append(f"Base model: the model pretrained in chapter 5 stands in for OpenAI's "
                      f"{name} ({reason}). It knows one short story, so expect weak results."
                      if reason else f"Base model: OpenAI's {name}.")

@@ -3,9 +3,10 @@
 nbval compares every cell's output with the output saved in the notebook, so the saved
 outputs must be exactly what the test run produces. This command runs notebooks the way
 `pytest` does (this environment's own kernel, the notebook's folder as working directory,
-CPU unless `$LLM_COURSE_DEVICE` says otherwise, quick mode unless `$LLM_COURSE_QUICK=0`,
-chapter 5's model in place of GPT-2 unless `$LLM_COURSE_FALLBACK=0`)
-and writes the fresh outputs back:
+and `utils.core.runinfo.SAVED_OUTPUT_SETTINGS`: CPU unless `$LLM_COURSE_DEVICE` says
+otherwise, quick mode unless `$LLM_COURSE_QUICK=0`, chapter 5's model in place of GPT-2
+unless `$LLM_COURSE_FALLBACK=0`, no download over 100 MB unless `$LLM_COURSE_MAX_DOWNLOAD_MB`
+says otherwise) and writes the fresh outputs back:
 
     python -m utils.tools.rerun notebooks/02_text_data.ipynb [more.ipynb ...]
     python -m utils.tools.rerun --mirror ../shared/data notebooks/*.ipynb   # offline, as CI runs
@@ -27,10 +28,8 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbval.kernel import CURRENT_ENV_KERNEL_NAME, NbvalKernelspecManager
 
-from utils.core.device import ENV_DEVICE
 from utils.core.download import ENV_MIRROR, ENV_OFFLINE
-from utils.core.paths import ENV_QUICK
-from utils.core.runinfo import ENV_FALLBACK
+from utils.core.runinfo import use_saved_output_settings
 
 __all__ = ["rerun_notebook", "REMOVE_OUTPUT_TAG"]
 
@@ -67,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=3600,
                         help="seconds one cell may take (default 3600)")
     args = parser.parse_args(argv)
-    os.environ.setdefault(ENV_DEVICE, "cpu")  # the saved outputs are the CPU run's,
-    os.environ.setdefault(ENV_QUICK, "1")  # in quick mode, exactly as pytest runs them
-    os.environ.setdefault(ENV_FALLBACK, "1")  # and with the GPT-2 stand-in
+    use_saved_output_settings()  # exactly as pytest runs them (conftest.py)
     if args.mirror is not None:
         os.environ[ENV_MIRROR] = str(args.mirror.resolve())
         os.environ[ENV_OFFLINE] = "1"

@@ -22,6 +22,7 @@ from pathlib import Path
 import nbformat
 
 from utils.core.paths import REPO_ROOT
+from utils.tools.nbcompare import IGNORE_TAG, cell_problems
 
 __all__ = ["SETUP_CELL", "CHAPTER_NOTEBOOKS", "modules_needed", "build_standalone",
            "write_all", "stale_copies"]
@@ -35,9 +36,10 @@ ALWAYS = ["__init__", "core/__init__", "core/paths", "core/device", "tools/__ini
 PACKAGES = ["torch", "tiktoken", "safetensors", "tqdm", "numpy", "pandas", "matplotlib"]
 _IMPORT = re.compile(r"^\s*(?:from\s+utils\.([\w.]+)\s+import|import\s+utils\.([\w.]+))", re.M)
 
-# The first code cell of every chapter notebook starts with these lines.
+# The first code cell of every chapter notebook starts with these lines. What it prints (the
+# PyTorch build, the device, package versions) differs between machines, so the cell is tagged
+# IGNORE_TAG in its metadata, with the reason (utils/tools/nbcompare.py), never in its code.
 SETUP_CELL = '''\
-# NBVAL_IGNORE_OUTPUT
 # Setup: run this cell and read on. It imports the course package `utils` (installed by
 # `pip install -r requirements.txt`) and picks where to compute: an NVIDIA GPU (CUDA), else
 # an Apple GPU (MPS), else the CPU.
@@ -103,6 +105,9 @@ def _setup_index(nb, name: str) -> int:
             if not cell.source.startswith(SETUP_CELL):
                 raise ValueError(f"{name}: the first code cell must start with the setup cell "
                                  f"(utils.tools.standalone.SETUP_CELL)")
+            if IGNORE_TAG not in cell.metadata.get("tags", []) or cell_problems(cell):
+                raise ValueError(f"{name}: the setup cell's output differs between machines: "
+                                 f"tag it {IGNORE_TAG!r} with its reason (metadata nbcompare)")
             return i
     raise ValueError(f"{name} has no code cell")
 
