@@ -78,6 +78,8 @@ Commands (`python -m utils.cli.NAME`), built on every chapter:
   speed-ups, next to the run as chapter 5 does it
 - `utils.cli.speed_paths`: The training steps and generations that the measuring commands
   time, each under a stable key
+- `utils.cli.stand_in`: The stand-in for OpenAI's GPT-2: a small GPT pretrained here on the
+  course's own public text
 
 Maintainer tools (`python -m utils.tools.NAME`):
 

@@ -127,7 +127,7 @@ def load_pretrained_gpt2(model_name: str = "gpt2-small (124M)", progress: bool =
 
 
 def gpt2_stand_in_reason(model_name: str = "gpt2-small (124M)") -> str | None:
-    """Why chapter 5's model has to stand in for OpenAI's `model_name` here, or None when
+    """Why a stand-in has to replace OpenAI's `model_name` here, or None when
     `load_pretrained_gpt2(model_name)` will load GPT-2 itself: `$LLM_COURSE_FALLBACK=1`, or
     its weights are not on this machine and may not be downloaded."""
     if model_name not in GPT2_WEIGHT_ASSETS:

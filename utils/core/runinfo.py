@@ -4,10 +4,11 @@ banner that tells the learner (hand-written; no notebook builds it).
 Two environment variables change what the training-heavy notebooks do:
 
 - `LLM_COURSE_QUICK=1`: the long training runs shrink to a few steps (`quick_mode()`);
-- `LLM_COURSE_FALLBACK=1`: wherever a notebook would load OpenAI's GPT-2 weights it uses the
-  small model pretrained in chapter 5 instead (`fallback_mode()`). Without it, the stand-in is
-  used only where the weights are not on the machine and may not be downloaded (offline
-  mode, or the download limit). The notebook makes that choice in a cell of its own
+- `LLM_COURSE_FALLBACK=1`: wherever a notebook would load OpenAI's GPT-2 weights it uses a
+  stand-in instead (`fallback_mode()`): from chapter 6 on, the small GPT that
+  `utils.cli.stand_in` pretrains on the course's own text; in chapter 5, that chapter's
+  model. Without it, the stand-in is used only where the weights are not on the machine and
+  may not be downloaded (offline mode, or the download limit). The notebook makes that choice in a cell of its own
   (`stand_in_reason()`); the weight loaders only ever load what they are asked for.
 
 The saved outputs of the notebooks come from a run with both set, so that they are the same
@@ -27,10 +28,10 @@ from utils.core.paths import ENV_QUICK, quick_mode
 __all__ = ["ENV_FALLBACK", "SAVED_OUTPUT_SETTINGS", "use_saved_output_settings",
            "fallback_mode", "stand_in_reason", "run_banner"]
 
-ENV_FALLBACK = "LLM_COURSE_FALLBACK"  # "1": chapter 5's model stands in for GPT-2
+ENV_FALLBACK = "LLM_COURSE_FALLBACK"  # "1": a stand-in replaces GPT-2
 
 # How the saved notebook outputs are produced and tested (the tests and the re-execution tool
-# apply these): on the CPU, in quick mode, with chapter 5's model in place of GPT-2 (the same
+# apply these): on the CPU, in quick mode, with the stand-in in place of GPT-2 (the same
 # with or without internet), and never downloading a file over 100 MB (model weights are
 # fetched only when a maintainer asks for them by setting the limit higher or empty).
 SAVED_OUTPUT_SETTINGS = {ENV_DEVICE: "cpu", ENV_QUICK: "1", ENV_FALLBACK: "1",
@@ -73,9 +74,9 @@ def run_banner(quick: str | None = None, gpt2: tuple[str, str] | None = None,
     if gpt2 is not None:
         name, asset = gpt2
         reason = stand_in_reason(asset)
-        lines.append(f"Base model: the model pretrained in chapter 5 stands in for OpenAI's "
-                     f"{name} ({reason}). It knows one short story, so expect weak results."
-                     if reason else f"Base model: OpenAI's {name}.")
+        lines.append(f"Base model: a stand-in for OpenAI's {name} ({reason}): a GPT a tenth "
+                     f"the size of GPT-2 small, pretrained here on the course's own text "
+                     f"(python -m utils.cli.stand_in)." if reason else f"Base model: OpenAI's {name}.")
     if full is not None:
         lines.append(f"A full run: {full}")
     print("\n".join(lines))
