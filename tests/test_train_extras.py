@@ -42,11 +42,14 @@ def test_train_model_follows_the_schedule_clips_and_learns(monkeypatch):
     real_clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: clipped_at.append(max_norm) or real_clip(params, max_norm))
+    norms = []
     train_losses, _, _, lrs = train_model(
         model, loader, loader, optimizer, "cpu", n_epochs=6, eval_freq=5, eval_iter=3,
         start_context="", tokenizer=None, warmup_steps=5, initial_lr=1e-4, min_lr=1e-5,
-        verbose=False)
+        verbose=False, grad_norms=norms)
     total = len(loader) * 6
     assert lrs == [lr_at_step(s, total, 5, 1e-4, 3e-3, 1e-5) for s in range(total)]
-    assert clipped_at == [1.0] * (total - 5)  # every step after the warmup
+    # measured at every step (an infinite limit during the warmup), clipped at 1.0 after it
+    assert clipped_at == [float("inf")] * 5 + [1.0] * (total - 5)
+    assert len(norms) == total and all(n > 0 for n in norms) and max(norms) > 1.0
     assert train_losses[-1] < 0.5 < train_losses[0]

@@ -40,10 +40,12 @@ LR_LOG = {"train_loss": "Train loss {:.3f}", "val_loss": "Val loss {:.3f}", "lr"
 def train_model(model, train_loader, val_loader, optimizer, device, n_epochs: int,
                 eval_freq: int, eval_iter: int, start_context: str, tokenizer,
                 warmup_steps: int, initial_lr: float = 3e-05, min_lr: float = 1e-6,
-                max_grad_norm: float = 1.0, verbose: bool = True):
+                max_grad_norm: float = 1.0, verbose: bool = True,
+                grad_norms: list | None = None):
     """Train with warmup, cosine decay (peak = the optimizer's lr) and gradient clipping.
     Returns (train_losses, val_losses, tokens_seen, learning_rates): the first three at
-    each evaluation, the learning rate at every step."""
+    each evaluation, the learning rate at every step. A list passed as `grad_norms` receives
+    the total gradient norm of every step, before clipping."""
     history = TrainingHistory(LR_LOG, verbose)  # New: the learning rate in the log line
     track_lrs = []
     tokens_seen, global_step = 0, -1
@@ -60,8 +62,11 @@ def train_model(model, train_loader, val_loader, optimizer, device, n_epochs: in
             track_lrs.append(lr)
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
-            if global_step >= warmup_steps:  # clip only after the warmup
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_grad_norm)
+            # clip only after the warmup; an infinite limit measures the norm and changes nothing
+            limit = max_grad_norm if global_step >= warmup_steps else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=limit)
+            if grad_norms is not None:
+                grad_norms.append(norm.item())
             optimizer.step()
             tokens_seen += input_batch.numel()
             if global_step % eval_freq == 0:
