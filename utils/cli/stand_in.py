@@ -39,7 +39,8 @@ from utils.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from utils.classify import create_balanced_dataset, random_split
 from utils.core.download import fetch
 from utils.core.paths import checkpoint_dir, shown_path
-from utils.fast import fast_loss_batch, fused_adamw
+from utils.cli.pretrain import build_optimizer
+from utils.fast import fast_loss_batch
 from utils.instruct import split_instruction_data
 from utils.model import GPTConfig, GPTModel
 from utils.text import get_gpt2_tokenizer
@@ -105,9 +106,9 @@ def _token_windows(documents: list[str], window: int) -> torch.Tensor:
     return torch.stack([stream[i * window:(i + 1) * window + 1] for i in range(rows)])
 
 
-def _loaders(settings: dict):
+def _loaders(by_source: dict[str, list[str]], settings: dict):
     """Shuffled documents (seeded), the last `validation_share` of them for validation."""
-    documents = [doc for docs in stand_in_documents().values() for doc in docs]
+    documents = [doc for docs in by_source.values() for doc in docs]
     random.Random(settings["seed"]).shuffle(documents)
     n_val = max(1, int(len(documents) * settings["validation_share"]))
     loaders = []
@@ -121,11 +122,7 @@ def _loaders(settings: dict):
 
 def _pretrain(model, train_loader, val_loader, settings: dict, progress: bool) -> dict:
     """The pretraining loop; returns the losses before and after and the seconds taken."""
-    optimizer = fused_adamw(  # weight decay on the matrices only, as in utils.cli.pretrain
-        [{"params": [p for p in model.parameters() if p.dim() >= 2],
-          "weight_decay": settings["weight_decay"]},
-         {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=settings["peak_lr"])
+    optimizer = build_optimizer(model, settings["peak_lr"], settings["weight_decay"])
     total = len(train_loader) * settings["epochs"]
     warmup = int(settings["warmup"] * total)
     peak = settings["peak_lr"]
@@ -158,14 +155,15 @@ def build_stand_in(path=None, progress: bool = True):
     an existing file there is first renamed to `<name>.previous.pt`. Returns the path."""
     path = stand_in_checkpoint() if path is None else path
     settings = dict(STAND_IN_TRAINING)
+    by_source = stand_in_documents()
     torch.manual_seed(settings["seed"])
-    train_loader, val_loader = _loaders(settings)
+    train_loader, val_loader = _loaders(by_source, settings)
     torch.manual_seed(settings["seed"])
     model = GPTModel(STAND_IN_CONFIG)
     result = _pretrain(model, train_loader, val_loader, settings, progress)
     if path.exists():
         path.replace(path.with_name(path.stem + ".previous.pt"))
-    counts = {name: len(docs) for name, docs in stand_in_documents().items()}
+    counts = {name: len(docs) for name, docs in by_source.items()}
     return save_checkpoint(path, model, kind="stand-in", documents=counts,
                            training_tokens=len(train_loader.dataset) * settings["window"],
                            settings=settings, **result)
