@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from utils.bpe import (BPETokenizer, bytes_to_unicode, count_pairs, count_words, load_gpt2_bpe,
-                       merge_pair, train_bpe, train_bpe_naive)
+from utils.bpe import (BPETokenizer, bytes_to_unicode, count_pairs, count_words, load_bpe,
+                       load_gpt2_bpe, merge_pair, save_bpe, train_bpe, train_bpe_naive)
 from utils.text import get_gpt2_tokenizer
 
 COURSE_FILES = ["the-verdict.txt", "SMSSpamCollection.tsv", "instruction-data.json",
@@ -151,6 +151,22 @@ def test_endoftext_never_crashes_and_matches_tiktoken(gpt2, reference):
     assert gpt2.encode(text, allowed_special={"<|unknown|>"}) == gpt2.encode(text)  # ignored
 
 
+def test_encode_takes_tiktokens_disallowed_special(gpt2, reference):
+    text = f"the end.{EOT}A new story"
+    assert gpt2.encode(text, disallowed_special=()) == reference.encode(text, disallowed_special=())
+    for tokenizer in (gpt2, reference):
+        for disallowed in ["all", {EOT}]:
+            with pytest.raises(ValueError, match="allowed_special"):
+                tokenizer.encode(text, disallowed_special=disallowed)
+        with pytest.raises(ValueError):  # a token named in both is still disallowed
+            tokenizer.encode(text, allowed_special={EOT}, disallowed_special={EOT})
+    # "all" means every special token that is not allowed
+    assert gpt2.encode(text, allowed_special={EOT}, disallowed_special="all") == \
+        reference.encode(text, allowed_special={EOT}, disallowed_special="all")
+    assert gpt2.encode("no special token here", disallowed_special="all") == \
+        reference.encode("no special token here")
+
+
 def test_decoding_partial_characters_like_tiktoken(gpt2, reference):
     ids = gpt2.encode("🙂 café")
     for i in range(len(ids)):
@@ -256,3 +272,31 @@ def test_benchmark_runs_one_round_on_a_tiny_corpus(mirror):
     assert results["targets"] == []  # the targets are for the-verdict at 500, the corpus at 5,000
     text = format_bpe_results(results)
     assert "tokenizers, line by line" in text and "identical token IDs from all four: True" in text
+    assert "load average" in text
+    short = format_bpe_results(results, details=False)  # what the notebook shows a learner
+    assert "load average" not in short and "identical token IDs from all four: True" in short
+
+
+# --- saving and loading ---------------------------------------------------------------------
+
+def test_a_saved_tokenizer_loads_back_the_same(tmp_path, gpt2, course_texts):
+    story = course_texts["the-verdict.txt"]
+    trained = BPETokenizer(train_bpe(story, 300), special_tokens={EOT: 300})
+    for tokenizer in (trained, gpt2):
+        path = save_bpe(tokenizer, tmp_path / "sub" / "tok.json")  # the folder is made
+        assert not (tmp_path / "sub" / "tok.json.part").exists()
+        loaded = load_bpe(path)
+        assert loaded.merges == tokenizer.merges and loaded.vocab == tokenizer.vocab
+        assert loaded.special_tokens == tokenizer.special_tokens
+        text = story[:3000] + EOT + "Zürich 🙂"
+        ids = tokenizer.encode(text, allowed_special="all")
+        assert loaded.encode(text, allowed_special="all") == ids
+        assert loaded.decode(ids) == text
+
+
+def test_loading_a_file_that_is_not_a_tokenizer_says_so(tmp_path):
+    for content in ("{not json", '{"merges": []}', "[1, 2]"):
+        path = tmp_path / "other.json"
+        path.write_text(content)
+        with pytest.raises(ValueError, match="is not a tokenizer"):
+            load_bpe(path)

@@ -6,12 +6,10 @@ import pytest
 from utils.core.download import offline_mode
 from utils.core.env import env_flag, env_number
 from utils.core.messages import unknown_name
-from utils.core.paths import quick_mode
 from utils.core.runinfo import fallback_mode
 
 
-@pytest.mark.parametrize("switch, name", [(quick_mode, "LLM_COURSE_QUICK"),
-                                          (offline_mode, "LLM_COURSE_OFFLINE"),
+@pytest.mark.parametrize("switch, name", [(offline_mode, "LLM_COURSE_OFFLINE"),
                                           (fallback_mode, "LLM_COURSE_FALLBACK")])
 def test_every_switch_reads_yes_and_no_alike_and_refuses_anything_else(monkeypatch, switch, name):
     for value in ("1", "true", "Yes", " ON "):

@@ -21,16 +21,16 @@ def make_notebook(path, *sources):
 def test_outputs_are_saved_from_the_notebooks_folder(tmp_path):
     (tmp_path / "here.txt").write_text("found")
     path = make_notebook(tmp_path / "nb.ipynb", "print(open('here.txt').read())",
-                         "import os\nprint(os.environ.get('LLM_COURSE_QUICK'), "
+                         "import os\nprint(os.environ.get('LLM_COURSE_FALLBACK'), "
                          "os.environ.get('LLM_COURSE_DEVICE'))", "6 * 7")
     result = subprocess.run([sys.executable, "-m", "utils.tools.rerun", str(path)], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=300,
                             env={k: v for k, v in os.environ.items()
-                                 if k not in ("LLM_COURSE_QUICK", "LLM_COURSE_DEVICE")})
+                                 if k not in ("LLM_COURSE_FALLBACK", "LLM_COURSE_DEVICE")})
     assert result.returncode == 0, result.stderr
     cells = nbformat.read(path, as_version=4).cells
     assert cells[0].outputs[0].text == "found\n"
-    assert cells[1].outputs[0].text == "1 cpu\n"  # quick mode on the CPU, as the tests run
+    assert cells[1].outputs[0].text == "1 cpu\n"  # the stand-in on the CPU, as the tests run
     assert cells[2].outputs[0].data["text/plain"] == "42"
     assert [c.execution_count for c in cells] == [1, 2, 3]
 

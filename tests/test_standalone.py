@@ -13,12 +13,13 @@ from nbclient import NotebookClient
 
 from utils.core.download import ENV_MIRROR
 from utils.core.paths import REPO_ROOT
-from utils.tools.standalone import (CHAPTER_NOTEBOOKS, SETUP_CELL, STANDALONE_DIR, build_standalone,
-                              modules_needed, stale_copies)
+from utils.tools.standalone import (BENCHMARK_FILES, CHAPTER_NOTEBOOKS, COPY_SETUP_CELL,
+                                    SETUP_CELL, STANDALONE_DIR, build_standalone,
+                                    modules_needed, stale_copies)
 
 # Run top to bottom in every test run (under a minute together); the others only with
-# LLM_COURSE_STANDALONE_ALL=1 (they retrain in quick mode: 22 minutes on 2 CPU cores, 12 of
-# them chapter 5's full run, which chapters 6, 7 and E need for their offline fallback).
+# LLM_COURSE_STANDALONE_ALL=1 (they retrain models: 22 minutes on 2 CPU cores, 12 of them
+# chapter 5's full run, which chapters 6, 7 and E need for their offline fallback).
 ALWAYS_RUN = ["02_text_data.ipynb", "03_attention.ipynb", "04_gpt_model.ipynb",
               "08_going_faster.ipynb"]
 RUN_ALL = os.environ.get("LLM_COURSE_STANDALONE_ALL", "") == "1"
@@ -73,8 +74,26 @@ def test_a_standalone_copy_carries_readable_modules():
                        modules_needed(REPO_ROOT / "notebooks" / "04_gpt_model.ipynb")}
     model_cell = next(c.source for c in nb.cells if c.source.startswith("%%writefile utils/model.py"))
     assert model_cell.split("\n", 1)[1] == (REPO_ROOT / "utils" / "model.py").read_text().rstrip()
-    setup = next(i for i, c in enumerate(nb.cells) if c.source.startswith(SETUP_CELL))
+    setup = next(i for i, c in enumerate(nb.cells) if c.source.startswith(COPY_SETUP_CELL))
     assert all(not c.source.startswith("%%writefile") for c in nb.cells[setup:])  # before it
+    assert "pip install -r requirements.txt" not in nb.cells[setup].source
+
+
+def test_a_copy_says_only_what_is_true_where_it_runs():
+    for name in CHAPTER_NOTEBOOKS:
+        copy = nbformat.reads(build_standalone(REPO_ROOT / "notebooks" / name), as_version=4)
+        text = "\n".join(c.source for c in copy.cells if c.cell_type == "markdown")
+        assert "saved output" not in text.lower(), name  # a copy has no outputs
+        assert "Worked solutions are in `solutions/" not in text, name
+        if "Worked solutions" in text:
+            assert "the course's repository, in `notebooks/solutions/" in text, name
+        assert all("standalone" not in c.metadata for c in copy.cells), name
+        carried = {c.source.split("\n", 1)[0].removeprefix("%%writefile ")
+                   for c in copy.cells if c.source.startswith("%%writefile benchmarks/")}
+        assert carried == {f"benchmarks/{b}" for b in BENCHMARK_FILES.get(name, [])}, name
+        code = "\n".join(c.source for c in copy.cells if c.cell_type == "code"
+                         and not c.source.startswith("%%writefile"))
+        assert ("benchmarks" in code) == bool(carried), name  # what it reads, it carries
 
 
 def _run_standalone(name: str, folder: Path) -> nbformat.NotebookNode:
@@ -83,7 +102,7 @@ def _run_standalone(name: str, folder: Path) -> nbformat.NotebookNode:
     (site / "sitecustomize.py").write_text(HIDE_REPO)
     nb = nbformat.read(STANDALONE_DIR / name, as_version=4)
     env = {**os.environ, "PYTHONPATH": str(site), "LLM_COURSE_OFFLINE": "1",
-           "LLM_COURSE_DEVICE": "cpu", "LLM_COURSE_QUICK": "1"}
+           "LLM_COURSE_DEVICE": "cpu", "LLM_COURSE_FALLBACK": "1"}
     env.pop("LLM_COURSE_DATA", None)
     env.pop("LLM_COURSE_CHECKPOINTS", None)
     assert env.get(ENV_MIRROR), "set LLM_COURSE_MIRROR to the offline data mirror"

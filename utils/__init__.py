@@ -8,7 +8,7 @@ written from their notebook's `#| export` cells; hand-written ones say so:
   get_gpt2_tokenizer, GPTDatasetV1, create_dataloader_v1
 - `utils.bpe` (notebooks/02b_bpe_from_scratch.ipynb): GPT2_SPLIT_PATTERN, count_words,
   count_pairs, merge_pair, train_bpe_naive, BPETokenizer, bytes_to_unicode, load_gpt2_bpe,
-  train_bpe
+  train_bpe, BPE_FILE_FORMAT, save_bpe, load_bpe
 - `utils.attention` (notebooks/03_attention.ipynb): check_context_length, CausalAttention,
   MultiHeadAttention
 - `utils.model` (notebooks/04_gpt_model.ipynb): GPTConfig, GPT2_SMALL_124M,
@@ -60,8 +60,8 @@ Infrastructure, below every chapter:
   yes/no switches and one for numbers, so every switch reads alike
 - `utils.core.messages`: Wording shared by the course's error messages
 - `utils.core.paths`: Where the course keeps files on disk
-- `utils.core.runinfo`: How a notebook runs on this machine: quick mode, the stand-in for
-  OpenAI's GPT-2, and the banner that tells the learner
+- `utils.core.runinfo`: How a notebook runs on this machine: the stand-in for OpenAI's
+  GPT-2, and the banner that tells the learner
 - `utils.core.timing`: Measuring speed and memory fairly, for every benchmark command
 
 Commands (`python -m utils.cli.NAME`), built on every chapter:

@@ -9,12 +9,13 @@ Built in notebooks/02b_bpe_from_scratch.ipynb, after chapter 2: byte pair encodi
 encoder.py). Token IDs are plain ints; a merge maps a pair of IDs to the ID of the new token.
 """
 
-__all__ = ["GPT2_SPLIT_PATTERN", "count_words", "count_pairs", "merge_pair", "train_bpe_naive", "BPETokenizer", "bytes_to_unicode", "load_gpt2_bpe", "train_bpe"]
+__all__ = ["GPT2_SPLIT_PATTERN", "count_words", "count_pairs", "merge_pair", "train_bpe_naive", "BPETokenizer", "bytes_to_unicode", "load_gpt2_bpe", "train_bpe", "BPE_FILE_FORMAT", "save_bpe", "load_bpe"]
 
 
 import heapq
 import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import regex  # `re` plus Unicode classes such as \p{L}; installed with tiktoken
 
@@ -119,11 +120,20 @@ class BPETokenizer:
             ids.extend(self.cache[word])
         return ids
 
-    def encode(self, text: str, allowed_special=()) -> list[int]:
+    def encode(self, text: str, allowed_special=(), disallowed_special=()) -> list[int]:
         """Token IDs of `text`; the special tokens in `allowed_special` (a set, or "all")
-        become their IDs, all others are ordinary text."""
+        become their IDs, all others are ordinary text. tiktoken's second argument works too:
+        a special token of `disallowed_special` found in `text` is a ValueError ("all":
+        every special token that is not allowed)."""
         allowed = self.special_tokens if allowed_special == "all" else \
             [s for s in allowed_special if s in self.special_tokens]
+        disallowed = [s for s in self.special_tokens if s not in allowed] \
+            if disallowed_special == "all" else disallowed_special
+        for token in disallowed:
+            if token in text:
+                raise ValueError(f"The text contains the special token {token!r}, which is "
+                                 f"disallowed: pass allowed_special={{{token!r}}} to encode it "
+                                 f"as its ID, or disallowed_special=() to encode it as text.")
         if not allowed:  # special-token strings, if any, are ordinary text
             return self.encode_ordinary(text)
         longest_first = sorted(allowed, key=len, reverse=True)
@@ -227,3 +237,35 @@ def train_bpe(text: str, vocab_size: int,
             else:
                 heapq.heappush(heap, (-pair_counts[p], p))  # the entry with the current count
     return merges
+
+
+BPE_FILE_FORMAT = "llm-course-bpe/1"  # written into every file, checked when loading
+
+
+def save_bpe(tokenizer: BPETokenizer, path) -> Path:
+    """Write `tokenizer` to the JSON file `path` (merges in order, token bytes as hex, special
+    tokens, split pattern); `load_bpe(path)` gives it back."""
+    data = {"format": BPE_FILE_FORMAT, "pattern": tokenizer.pattern.pattern,
+            "merges": [[a, b, new_id] for (a, b), new_id in tokenizer.merges.items()],
+            "vocab": {str(i): token.hex() for i, token in sorted(tokenizer.vocab.items())},
+            "special_tokens": tokenizer.special_tokens}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps(data), encoding="utf-8")
+    partial.replace(path)  # the finished file takes the name in one step
+    return path
+
+
+def load_bpe(path) -> BPETokenizer:
+    """The tokenizer that `save_bpe` wrote to `path`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a tokenizer file (not valid JSON: {err})") from err
+    if not isinstance(data, dict) or data.get("format") != BPE_FILE_FORMAT:
+        raise ValueError(f"{path} is not a tokenizer written by save_bpe (its 'format' is not "
+                         f"{BPE_FILE_FORMAT!r})")
+    merges = {(a, b): new_id for a, b, new_id in data["merges"]}
+    vocab = {int(i): bytes.fromhex(token) for i, token in data["vocab"].items()}
+    return BPETokenizer(merges, vocab, data["special_tokens"], data["pattern"])

@@ -403,7 +403,7 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
     if enabled:  # large blocks from the heap, and the heap never shrinks
         settings = [(M_TRIM_THRESHOLD, 2**31 - 1), (M_MMAP_MAX, 0)]
-    else:  # blocks above 32 MiB (glibc's ceiling for its threshold) mapped afresh
+    else:  # blocks above 32 x 2^20 bytes (glibc's ceiling for its threshold) mapped afresh
         settings = [(M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 * 2**20)]
     return all(libc.mallopt(option, value) == 1 for option, value in settings)
 

@@ -81,7 +81,7 @@ QWEN3_0_6B = LlamaConfig(  # Qwen/Qwen3-0.6B
     vocab_size=151_936, context_length=40_960, emb_dim=1024, n_heads=16, n_kv_groups=8,
     n_layers=28, hidden_dim=3072, head_dim=128, rope_base=1_000_000.0, rope_scaling=None,
     norm_eps=1e-6, qk_norm=True)
-LLAMA_TINY = LlamaConfig(  # for tests and quick experiments, with GPT-2's vocabulary
+LLAMA_TINY = LlamaConfig(  # for quick experiments, with GPT-2's vocabulary
     vocab_size=50257, context_length=256, emb_dim=64, n_heads=4, n_kv_groups=2, n_layers=2,
     hidden_dim=192, head_dim=16, rope_scaling=RopeScaling(factor=4.0, original_context_length=64))
 QWEN3_TINY = dataclasses.replace(LLAMA_TINY, head_dim=32, rope_base=1_000_000.0,

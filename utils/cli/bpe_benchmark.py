@@ -189,12 +189,13 @@ def run_bpe_benchmark(story: str | None = None, corpus: str | None = None,
             "targets": targets}
 
 
-def format_bpe_results(results: dict) -> str:
-    """The results as a plain-text table."""
+def format_bpe_results(results: dict, details: bool = True) -> str:
+    """The results as a plain-text table; `details=False` leaves out what only a maintainer
+    needs (thread settings, the load average, the targets)."""
     m, s = results["machine"], results["setup"]
     threads = ", ".join(f"{k}={v}" for k, v in m["threads"].items())
-    lines = [f"CPU: {m['cpu']} ({m['cpu_count']} cores; {threads}; load average "
-             f"{m['load_average']} at the start); Python {m['python']}, "
+    setting = f"; {threads}; load average {m['load_average']} at the start" if details else ""
+    lines = [f"CPU: {m['cpu']} ({m['cpu_count']} cores{setting}); Python {m['python']}, "
              f"tiktoken {m['tiktoken']}, tokenizers {m['tokenizers']}",
              f"story {s['story_bytes']:,} bytes; corpus {s['corpus_bytes']:,} bytes; medians of "
              f"{s['rounds']} rounds (encoding {s['encode_rounds']}) after a warm-up round; "
@@ -214,9 +215,10 @@ def format_bpe_results(results: dict) -> str:
         lines.append(f"{row['label']:<44}{row['mb_per_s']['median']:>9.2f}{row['ratio']:>8.2f}x")
     lines.append(f"identical token IDs from all four: {enc['identical_ids']} "
                  f"({enc['tokens']:,} tokens)")
-    if results["targets"]:
+    targets = results["targets"] if details else []
+    if targets:
         lines.append("")
-    for t in results["targets"]:
+    for t in targets:
         verdict = "met" if t["met"] else "MISSED"
         lines.append(f"target: {t['case']} to {t['vocab_size']:,} tokens in under "
                      f"{t['limit_s']:g} s: {verdict} ({t['median_s']:.3f} s)")

@@ -149,7 +149,7 @@ def format_chapter5(results: dict) -> str:
 def plot_chapter5(results: dict, path=None):
     """Training and validation loss of both runs against wall-clock minutes."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(9.5, 3.6))
     names = {"chapter5": ("chapter 5", "tab:blue"), "fast": ("fast retrain", "tab:orange")}
     for kind, run in results["runs"].items():
         name, color = names[kind]
@@ -158,10 +158,11 @@ def plot_chapter5(results: dict, path=None):
                 color=color, label=f"{name}: training loss")
         ax.plot(minutes, [e["val_loss"] for e in run["evals"]], marker="s", markersize=3,
                 linestyle="-.", color=color, label=f"{name}: validation loss")
-        ax.axvline(run["wall_seconds"] / 60, color=color, linewidth=0.8, linestyle=":")
+        ax.axvline(run["wall_seconds"] / 60, color=color, linewidth=0.8, linestyle=":",
+                   label=f"{name}: end of the run")
     ax.set_xlabel("wall-clock time (minutes)")
     ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves
     ax.set_title(f"{results['setup']['model']}, {results['setup']['epochs']} epochs on "
                  f"{results['machine'].get('gpu') or results['machine']['cpu']}", fontsize=9)
     fig.tight_layout()

@@ -10,25 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from utils.core.env import env_flag
-
-__all__ = ["REPO_ROOT", "checkpoint_dir", "quick_mode", "shown_path", "ENV_CHECKPOINTS",
-           "ENV_QUICK"]
+__all__ = ["REPO_ROOT", "checkpoint_dir", "shown_path", "ENV_CHECKPOINTS"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # utils/core/paths.py -> the repository
 ENV_CHECKPOINTS = "LLM_COURSE_CHECKPOINTS"  # overrides where checkpoints are written
-ENV_QUICK = "LLM_COURSE_QUICK"  # "1": training-heavy cells run at reduced size (tests set it)
 
 
 def checkpoint_dir() -> Path:
     """`$LLM_COURSE_CHECKPOINTS`, else `checkpoints/` at the repository root (git-ignored)."""
     env = os.environ.get(ENV_CHECKPOINTS)
     return Path(env) if env else REPO_ROOT / "checkpoints"
-
-
-def quick_mode() -> bool:
-    """True when `$LLM_COURSE_QUICK` is 1/true/yes/on: notebooks shrink their long runs."""
-    return env_flag(ENV_QUICK)
 
 
 def shown_path(path) -> str:

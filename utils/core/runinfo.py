@@ -1,9 +1,6 @@
-"""How a notebook runs on this machine: quick mode, the stand-in for OpenAI's GPT-2, and the
-banner that tells the learner (hand-written; no notebook builds it).
+"""How a notebook runs on this machine: the stand-in for OpenAI's GPT-2, and the banner that
+tells the learner (hand-written; no notebook builds it).
 
-Two environment variables change what the training-heavy notebooks do:
-
-- `LLM_COURSE_QUICK=1`: the long training runs shrink to a few steps (`quick_mode()`);
 - `LLM_COURSE_FALLBACK=1`: wherever a notebook would load OpenAI's GPT-2 weights it uses a
   stand-in instead (`fallback_mode()`): from chapter 6 on, the small GPT that
   `utils.cli.stand_in` pretrains on the course's own text; in chapter 5, that chapter's
@@ -11,7 +8,7 @@ Two environment variables change what the training-heavy notebooks do:
   may not be downloaded (offline mode, or the download limit). The notebook makes that choice in a cell of its own
   (`stand_in_reason()`); the weight loaders only ever load what they are asked for.
 
-The saved outputs of the notebooks come from a run with both set, so that they are the same
+The saved outputs of the notebooks come from a run with it set, so that they are the same
 with or without internet access. `run_banner` prints, at the top of such a notebook, which
 applies here and what a full run on GPT-2 gives.
 """
@@ -23,7 +20,6 @@ import os
 from utils.core.device import ENV_DEVICE
 from utils.core.download import ENV_MAX_DOWNLOAD_MB, fetch_refusal
 from utils.core.env import env_flag
-from utils.core.paths import ENV_QUICK, quick_mode
 
 __all__ = ["ENV_FALLBACK", "SAVED_OUTPUT_SETTINGS", "use_saved_output_settings",
            "fallback_mode", "stand_in_reason", "run_banner"]
@@ -31,11 +27,10 @@ __all__ = ["ENV_FALLBACK", "SAVED_OUTPUT_SETTINGS", "use_saved_output_settings",
 ENV_FALLBACK = "LLM_COURSE_FALLBACK"  # "1": a stand-in replaces GPT-2
 
 # How the saved notebook outputs are produced and tested (the tests and the re-execution tool
-# apply these): on the CPU, in quick mode, with the stand-in in place of GPT-2 (the same
+# apply these): on the CPU, with the stand-in in place of GPT-2 (the same
 # with or without internet), and never downloading a file over 100 MB (model weights are
 # fetched only when a maintainer asks for them by setting the limit higher or empty).
-SAVED_OUTPUT_SETTINGS = {ENV_DEVICE: "cpu", ENV_QUICK: "1", ENV_FALLBACK: "1",
-                         ENV_MAX_DOWNLOAD_MB: "100"}
+SAVED_OUTPUT_SETTINGS = {ENV_DEVICE: "cpu", ENV_FALLBACK: "1", ENV_MAX_DOWNLOAD_MB: "100"}
 
 
 def use_saved_output_settings() -> None:
@@ -59,18 +54,13 @@ def stand_in_reason(asset_name: str) -> str | None:
     return fetch_refusal(asset_name)
 
 
-def run_banner(quick: str | None = None, gpt2: tuple[str, str] | None = None,
-               full: str | None = None) -> None:
+def run_banner(gpt2: tuple[str, str] | None = None, full: str | None = None) -> None:
     """Print how this notebook runs here and what a full run gives.
 
-    quick: what quick mode shrinks ("1 epoch of 20 batches instead of 5 epochs of 130");
     gpt2: (model name, asset name) of the GPT-2 weights the notebook starts from;
     full: what a full run on GPT-2 gives, with its source.
     """
     lines = []
-    if quick is not None:
-        lines.append(f"Quick mode ({ENV_QUICK}=1): {quick}." if quick_mode()
-                     else "Full size: quick mode is off.")
     if gpt2 is not None:
         name, asset = gpt2
         reason = stand_in_reason(asset)

@@ -4,8 +4,7 @@ nbval compares every cell's output with the output saved in the notebook, so the
 outputs must be exactly what the test run produces. This command runs notebooks the way
 `pytest` does (this environment's own kernel, the notebook's folder as working directory,
 and `utils.core.runinfo.SAVED_OUTPUT_SETTINGS`: CPU unless `$LLM_COURSE_DEVICE` says
-otherwise, quick mode unless `$LLM_COURSE_QUICK=0`, chapter 5's model in place of GPT-2
-unless `$LLM_COURSE_FALLBACK=0`, no download over 100 MB unless `$LLM_COURSE_MAX_DOWNLOAD_MB`
+otherwise, the stand-in in place of GPT-2 unless `$LLM_COURSE_FALLBACK=0`, no download over 100 MB unless `$LLM_COURSE_MAX_DOWNLOAD_MB`
 says otherwise) and writes the fresh outputs back:
 
     python -m utils.tools.rerun notebooks/02_text_data.ipynb [more.ipynb ...]

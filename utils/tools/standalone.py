@@ -8,7 +8,11 @@ A notebook uploaded on its own cannot `import utils`. Its standalone copy is the
 a few cells put in front of the chapter: a short note, a cell that installs what the platform
 lacks (never PyTorch, which Colab and Kaggle ship), and one `%%writefile` cell per module of
 `utils` that the chapter needs (its imports and theirs, found by reading the code), holding
-the module's source as readable text. Saved outputs are cleared. The copies are generated:
+the module's source as readable text, and the saved benchmark results the chapter prints.
+Saved outputs are cleared, and what is said only of the clone changes: the setup cell says
+where `utils` comes from, solutions are pointed to in the repository, and a cell whose
+metadata has `"standalone": {"text": ...}` takes that text (an empty one drops the cell; for
+sentences about the saved outputs, which a copy does not have). The copies are generated:
 never edit them; `tests/test_standalone.py` fails when one is out of date.
 """
 
@@ -24,8 +28,8 @@ import nbformat
 from utils.core.paths import REPO_ROOT
 from utils.tools.nbcompare import IGNORE_TAG, cell_problems
 
-__all__ = ["SETUP_CELL", "CHAPTER_NOTEBOOKS", "modules_needed", "build_standalone",
-           "write_all", "stale_copies"]
+__all__ = ["SETUP_CELL", "COPY_SETUP_CELL", "CHAPTER_NOTEBOOKS", "BENCHMARK_FILES",
+           "modules_needed", "build_standalone", "write_all", "stale_copies"]
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 STANDALONE_DIR = REPO_ROOT / "standalone"
@@ -33,6 +37,12 @@ CHAPTER_NOTEBOOKS = sorted(p.name for p in NOTEBOOKS_DIR.glob("*.ipynb"))
 # What every notebook's setup and export cells import, whatever else it needs.
 ALWAYS = ["__init__", "core/__init__", "core/paths", "core/device", "tools/__init__",
           "tools/export"]
+# The saved benchmark results a chapter prints (paths below benchmarks/), carried by its copy.
+BENCHMARK_FILES = {
+    "02b_bpe_from_scratch.ipynb": ["bpe/cpu-2core.json"],
+    "08_going_faster.ipynb": sorted(p.name for p in (REPO_ROOT / "benchmarks").glob("*.json")),
+    "09_gpt_to_llama.ipynb": ["09_gpt_to_llama/gpt2-vs-llama-the-verdict.json"],
+}
 PACKAGES = ["torch", "tiktoken", "safetensors", "tqdm", "numpy", "pandas", "matplotlib"]
 _IMPORT = re.compile(r"^\s*(?:from\s+utils\.([\w.]+)\s+import|import\s+utils\.([\w.]+))", re.M)
 
@@ -46,14 +56,25 @@ SETUP_CELL = '''\
 from utils.core.device import get_device
 
 device = get_device()'''
+# The same cell in a standalone copy, where `utils` comes from the cells above it.
+COPY_SETUP_CELL = '''\
+# Setup: run this cell and read on. It imports the course package `utils` (written into
+# ./utils by the cells above) and picks where to compute: an NVIDIA GPU (CUDA), else an
+# Apple GPU (MPS), else the CPU.
+from utils.core.device import get_device
+
+device = get_device()'''
+_SOLUTIONS = re.compile(r"Worked solutions are in `solutions/([\w.]+)`")
 
 _NOTE = """\
 **Running this copy on Colab or Kaggle.** The chapter starts after the setup below. This
 copy carries the parts of the course package `utils` that the chapter needs, one module per
 cell: run the next cells in order (they install what the platform lacks and write the
-modules into `./utils`) and go on to the chapter. You need not read the modules now: each
-one is built, step by step, in the chapter named in its first lines. In a clone of the
-course, open `notebooks/` instead, where `utils` is already installed.
+modules into `./utils`) and go on to the chapter. You need not read the modules now: a
+chapter's module is built, step by step, in the chapter named in its first lines; the ones
+under `core/` and `tools/` (downloads, paths, devices, exporting) are the course's plumbing,
+written by hand and built in no chapter. In a clone of the course, open `notebooks/`
+instead, where `utils` is already installed.
 """
 
 _INSTALL = """\
@@ -99,10 +120,10 @@ def modules_needed(nb_path: Path) -> list[str]:
     return sorted(done, key=lambda n: (n.count("/") == 0, n))  # infrastructure first
 
 
-def _setup_index(nb, name: str) -> int:
+def _setup_index(nb, name: str, setup: str = SETUP_CELL) -> int:
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            if not cell.source.startswith(SETUP_CELL):
+            if not cell.source.startswith(setup):
                 raise ValueError(f"{name}: the first code cell must start with the setup cell "
                                  f"(utils.tools.standalone.SETUP_CELL)")
             if IGNORE_TAG not in cell.metadata.get("tags", []) or cell_problems(cell):
@@ -112,17 +133,41 @@ def _setup_index(nb, name: str) -> int:
     raise ValueError(f"{name} has no code cell")
 
 
+def _as_in_a_copy(nb, index: int) -> None:
+    """Change, in place, what the notebook says that is true only in a clone."""
+    nb.cells[index].source = COPY_SETUP_CELL + nb.cells[index].source[len(SETUP_CELL):]
+    kept = []
+    for cell in nb.cells:
+        alternative = cell.metadata.pop("standalone", None)
+        if alternative is not None:
+            if not alternative["text"]:
+                continue  # a sentence about saved outputs, which a copy has none of
+            cell.source = alternative["text"]
+        if cell.cell_type == "markdown":
+            cell.source = _SOLUTIONS.sub(r"Worked solutions are in the course's repository, in "
+                                         r"`notebooks/solutions/\1`", cell.source)
+        kept.append(cell)
+    nb.cells = kept
+
+
 def build_standalone(nb_path: Path) -> str:
     """The text of the standalone copy of the notebook at `nb_path`."""
     nb = nbformat.read(nb_path, as_version=4)
     index = _setup_index(nb, nb_path.name)
+    _as_in_a_copy(nb, index)
+    index = _setup_index(nb, nb_path.name, COPY_SETUP_CELL)
     modules = modules_needed(nb_path)
-    folders = sorted({f"utils/{m}".rsplit("/", 1)[0] for m in modules})
+    benchmarks = [f"benchmarks/{b}" for b in BENCHMARK_FILES.get(nb_path.name, [])]
+    folders = sorted({f"utils/{m}".rsplit("/", 1)[0] for m in modules}
+                     | {b.rsplit("/", 1)[0] for b in benchmarks})
     carried = [nbformat.v4.new_markdown_cell(_NOTE.strip()),
                nbformat.v4.new_code_cell(_INSTALL.format(packages=PACKAGES, folders=folders).strip())]
     for name in modules:
         source = _module_path(name).read_text(encoding="utf-8")
         carried.append(nbformat.v4.new_code_cell(f"%%writefile utils/{name}.py\n{source}".rstrip()))
+    for path in benchmarks:  # the saved results the chapter prints and discusses
+        source = (REPO_ROOT / path).read_text(encoding="utf-8")
+        carried.append(nbformat.v4.new_code_cell(f"%%writefile {path}\n{source}".rstrip()))
     nb.cells[index:index] = carried
     for c in nb.cells:
         c.pop("id", None)  # fresh ids would make every build differ
