@@ -8,8 +8,10 @@ from collections import Counter
 
 import pytest
 
-from utils.bpe import (BPETokenizer, bytes_to_unicode, count_pairs, count_words, load_bpe,
-                       load_gpt2_bpe, merge_pair, save_bpe, train_bpe, train_bpe_naive)
+from utils.bpe import (BPETokenizer, bytes_to_unicode, count_pairs, count_words,
+                       get_openai_encoding, load_bpe, load_gpt2_bpe, merge_pair, save_bpe,
+                       train_bpe, train_bpe_naive)
+from utils.core.download import AssetUnavailableError
 from utils.text import get_gpt2_tokenizer
 
 COURSE_FILES = ["the-verdict.txt", "SMSSpamCollection.tsv", "instruction-data.json",
@@ -300,3 +302,34 @@ def test_loading_a_file_that_is_not_a_tokenizer_says_so(tmp_path):
         path.write_text(content)
         with pytest.raises(ValueError, match="is not a tokenizer"):
             load_bpe(path)
+
+
+# --- GPT-4's and GPT-4o's encodings -------------------------------------------------------
+
+def test_openai_encoding_names_are_checked():
+    with pytest.raises(ValueError, match="cl100k_base"):
+        get_openai_encoding("cl100k")
+
+
+@pytest.mark.parametrize("name, filename", [("cl100k_base", "cl100k_base.tiktoken"),
+                                            ("o200k_base", "o200k_base.tiktoken")])
+def test_openai_encoding_offline_without_its_file_says_which(monkeypatch, tmp_path, no_network,
+                                                             name, filename):
+    """Offline, with neither a cached copy nor one in the mirror, the error names the file
+    (tiktoken itself would try the network and fail with a connection error)."""
+    monkeypatch.setenv("LLM_COURSE_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLM_COURSE_MIRROR", str(tmp_path))
+    monkeypatch.setenv("LLM_COURSE_OFFLINE", "1")
+    with pytest.raises(AssetUnavailableError, match=filename):
+        get_openai_encoding(name)
+
+
+def test_openai_encoding_from_the_mirror_where_it_has_the_file(monkeypatch, tmp_path, mirror,
+                                                               no_network):
+    """Where a maintainer has put the two files into the mirror (they are not among the
+    course's offline copies), tiktoken builds the encoding from them without the network."""
+    if not (mirror / "openai" / "cl100k_base.tiktoken").is_file():
+        pytest.skip("the mirror has no openai/cl100k_base.tiktoken")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+    encoding = get_openai_encoding("cl100k_base")
+    assert encoding.n_vocab == 100277 and encoding.encode("hello world") == [15339, 1917]

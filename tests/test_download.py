@@ -332,3 +332,17 @@ def test_the_test_settings_never_download_model_weights(monkeypatch, tmp_path):
         assert "allows downloads up to 100 MB" in download.fetch_refusal(name), name  # or size
         # unknown (GPT-2 large and XL): under a limit, only a known size is fetched
     assert download.fetch_refusal("the-verdict") is None  # small files still download
+
+
+def test_share_with_tiktoken_copies_where_tiktoken_looks_unless_switched_off(monkeypatch, tmp_path):
+    import hashlib
+    from utils.core.download import share_with_tiktoken
+    source = tmp_path / "vocab.bpe"
+    source.write_bytes(BODY)
+    url = get_asset("gpt2-vocab-bpe").url
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # the user's switch: no tiktoken cache
+    share_with_tiktoken("gpt2-vocab-bpe", source)
+    assert not list(tmp_path.glob("*/*"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+    share_with_tiktoken("gpt2-vocab-bpe", source)
+    assert (tmp_path / "tiktoken" / hashlib.sha1(url.encode()).hexdigest()).read_bytes() == BODY

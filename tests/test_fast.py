@@ -328,6 +328,43 @@ def test_bf16_inference_model_is_a_converted_copy():
     assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
 
 
+@pytest.mark.parametrize("capability, native", [((6, 0), False), ((7, 0), False), ((7, 5), False),
+                                                ((8, 0), True), ((8, 9), True), ((9, 0), True)])
+def test_bf16_on_cuda_only_from_compute_capability_8(monkeypatch, capability, native):
+    """P100 (6.0), V100 (7.0) and T4 (7.5) emulate bfloat16: PyTorch's is_bf16_supported()
+    says yes to them by default, bf16_supported must not (the device queries are faked)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert bf16_supported("cuda") is native
+    assert bf16_supported("cuda:0") is native
+
+
+def test_bf16_on_cpu_follows_onednn_and_mps_is_native(monkeypatch):
+    import utils.core.onednn as onednn
+    for answer in (True, False):
+        monkeypatch.setattr(onednn, "_mkldnn_op", lambda name, answer=answer: lambda: answer)
+        assert onednn.cpu_has_native_bf16() is answer
+        monkeypatch.setattr("utils.fast.cpu_has_native_bf16", lambda answer=answer: answer)
+        assert bf16_supported("cpu") is answer
+    assert bf16_supported("mps") is True
+
+
+def test_onednn_helpers_fall_back_where_the_private_operators_are_missing(monkeypatch):
+    import utils.core.onednn as onednn
+    monkeypatch.setattr(onednn, "_mkldnn_op", lambda name: None)  # a build without them
+    assert onednn.cpu_has_native_bf16() is False
+    assert onednn.pack_bf16_weight(torch.zeros(4, 4, dtype=torch.bfloat16)) is None
+    monkeypatch.setattr("utils.fast.pack_bf16_weight", onednn.pack_bf16_weight)
+    monkeypatch.setattr("utils.fast.cpu_has_native_bf16", lambda: True)  # packing fails anyway
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(8, 4)
+    model = _quiet(bf16_inference_model, torch.nn.Sequential(plain))
+    assert model[0].packed is None  # so BF16Linear uses F.linear
+    x = torch.randn(2, 8)
+    assert _relative(model[0](x), plain(x)) < 1e-2
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_linear_matches_float32_within_bf16_rounding(bias):
     torch.manual_seed(0)

@@ -124,7 +124,7 @@ def test_the_stand_in_reason_says_when_and_why(no_gpt2_here, monkeypatch):
     weights.write_bytes(b"cached")  # on this machine: GPT-2 itself (fetch checks it later)
     assert gpt2_stand_in_reason("gpt2-small (124M)") is None
     monkeypatch.setenv("LLM_COURSE_FALLBACK", "1")  # asked for, even with the weights here
-    assert gpt2_stand_in_reason("gpt2-small (124M)") == "$LLM_COURSE_FALLBACK=1 is set"
+    assert gpt2_stand_in_reason("gpt2-small (124M)") == "the stand-in was asked for"
     with pytest.raises(ValueError, match="Did you mean 'gpt2-small \\(124M\\)'"):
         gpt2_stand_in_reason("gpt2-smal (124M)")
 

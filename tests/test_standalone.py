@@ -2,6 +2,7 @@
 clone, and each runs in an empty folder with no repository, offline against the mirror."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,8 @@ def test_modules_needed_follow_imports():
     needed = modules_needed(REPO_ROOT / "notebooks" / "05_pretraining.ipynb")
     assert {"model", "attention", "text", "train", "generation", "checkpoint",
             "core/download", "core/paths", "tools/export"} <= set(needed)
+    assert "cli/stand_in" in needed  # a command its text names (the stand-in of chapter 6 on)
+    needed = modules_needed(REPO_ROOT / "notebooks" / "04_gpt_model.ipynb")  # names no command
     assert "fast" not in needed and "lora" not in needed and "classify" not in needed
     assert "lora" in modules_needed(REPO_ROOT / "notebooks" / "appendix_E_lora.ipynb")
 
@@ -94,6 +97,11 @@ def test_a_copy_says_only_what_is_true_where_it_runs():
         code = "\n".join(c.source for c in copy.cells if c.cell_type == "code"
                          and not c.source.startswith("%%writefile"))
         assert ("benchmarks" in code) == bool(carried), name  # what it reads, it carries
+        assert "The next cell writes the `#| export` cells" not in text, name  # nothing to export
+        modules = {c.source.split("\n", 1)[0].removeprefix("%%writefile utils/").removesuffix(".py")
+                   for c in copy.cells if c.source.startswith("%%writefile utils/")}
+        named = set(re.findall(r"-m utils\.cli\.(\w+)", text))
+        assert {f"cli/{n}" for n in named} <= modules, name  # a command it names, it can run
 
 
 def _run_standalone(name: str, folder: Path) -> nbformat.NotebookNode:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
 import torch
 
+from utils.core.assets import get_asset
 from utils.text import (GPTDatasetV1, SimpleTokenizerV1, SimpleTokenizerV2,
                         create_dataloader_v1, get_gpt2_tokenizer)
 
@@ -77,6 +79,10 @@ def test_gpt2_tokenizer_works_offline_from_the_mirror(monkeypatch, tmp_path, mir
         assert ids == COURSE_IDS
         assert tok.decode(ids) == COURSE_TEXT
         assert (tmp_path / "gpt2" / "encoder.json").is_file()  # fetched via the mirror
+        for name in ("gpt2-vocab-bpe", "gpt2-encoder-json"):  # and left where tiktoken looks
+            url = get_asset(name).url
+            shared = tmp_path / "tiktoken" / hashlib.sha1(url.encode()).hexdigest()
+            assert shared.read_bytes() == (tmp_path / get_asset(name).filename).read_bytes()
     finally:
         get_gpt2_tokenizer.cache_clear()
 

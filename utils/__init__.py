@@ -8,7 +8,7 @@ written from their notebook's `#| export` cells; hand-written ones say so:
   get_gpt2_tokenizer, GPTDatasetV1, create_dataloader_v1
 - `utils.bpe` (notebooks/02b_bpe_from_scratch.ipynb): GPT2_SPLIT_PATTERN, count_words,
   count_pairs, merge_pair, train_bpe_naive, BPETokenizer, bytes_to_unicode, load_gpt2_bpe,
-  train_bpe, BPE_FILE_FORMAT, save_bpe, load_bpe
+  train_bpe, BPE_FILE_FORMAT, save_bpe, load_bpe, OPENAI_ENCODINGS, get_openai_encoding
 - `utils.attention` (notebooks/03_attention.ipynb): check_context_length, CausalAttention,
   MultiHeadAttention
 - `utils.model` (notebooks/04_gpt_model.ipynb): GPTConfig, GPT2_SMALL_124M,
@@ -49,7 +49,7 @@ written from their notebook's `#| export` cells; hand-written ones say so:
   QWEN3_0_6B, LLAMA_TINY, QWEN3_TINY, RMSNorm, rope_frequencies, rope_angles, rope_tables,
   apply_rope, SwiGLUFeedForward, GroupedQueryAttention, kv_cache_bytes, LlamaBlock,
   LlamaModel, CachedLlama, config_from_hf, load_hf_weights_into_llama, CHAT_STOP_TOKENS,
-  format_chat, HubTokenizer, PRETRAINED_LLAMAS, load_llama_checkpoint, load_pretrained_llama
+  format_chat, HubTokenizer, load_llama_checkpoint, PRETRAINED_LLAMAS, load_pretrained_llama
 
 Infrastructure, below every chapter:
 
@@ -59,6 +59,7 @@ Infrastructure, below every chapter:
 - `utils.core.env`: Reading the course's switches from environment variables: one rule for
   yes/no switches and one for numbers, so every switch reads alike
 - `utils.core.messages`: Wording shared by the course's error messages
+- `utils.core.onednn`: oneDNN's bfloat16 matrix products for the CPU, behind one door
 - `utils.core.paths`: Where the course keeps files on disk
 - `utils.core.runinfo`: How a notebook runs on this machine: the stand-in for OpenAI's
   GPT-2, and the banner that tells the learner

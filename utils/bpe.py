@@ -9,7 +9,7 @@ Built in notebooks/02b_bpe_from_scratch.ipynb, after chapter 2: byte pair encodi
 encoder.py). Token IDs are plain ints; a merge maps a pair of IDs to the ID of the new token.
 """
 
-__all__ = ["GPT2_SPLIT_PATTERN", "count_words", "count_pairs", "merge_pair", "train_bpe_naive", "BPETokenizer", "bytes_to_unicode", "load_gpt2_bpe", "train_bpe", "BPE_FILE_FORMAT", "save_bpe", "load_bpe"]
+__all__ = ["GPT2_SPLIT_PATTERN", "count_words", "count_pairs", "merge_pair", "train_bpe_naive", "BPETokenizer", "bytes_to_unicode", "load_gpt2_bpe", "train_bpe", "BPE_FILE_FORMAT", "save_bpe", "load_bpe", "OPENAI_ENCODINGS", "get_openai_encoding"]
 
 
 import heapq
@@ -18,8 +18,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import regex  # `re` plus Unicode classes such as \p{L}; installed with tiktoken
+import tiktoken
 
-from utils.core.download import fetch
+from utils.core.download import fetch, share_with_tiktoken
+from utils.core.messages import unknown_name
 
 
 # GPT-2's pre-tokenisation pattern (OpenAI's encoder.py). `\s+(?!\S)` takes a run of spaces
@@ -269,3 +271,17 @@ def load_bpe(path) -> BPETokenizer:
     merges = {(a, b): new_id for a, b, new_id in data["merges"]}
     vocab = {int(i): bytes.fromhex(token) for i, token in data["vocab"].items()}
     return BPETokenizer(merges, vocab, data["special_tokens"], data["pattern"])
+
+
+OPENAI_ENCODINGS = {"cl100k_base": "cl100k-base", "o200k_base": "o200k-base"}  # -> asset
+
+
+def get_openai_encoding(name: str) -> tiktoken.Encoding:
+    """tiktoken's encoding `name` ("cl100k_base": GPT-4, "o200k_base": GPT-4o), its merge file
+    fetched through the course's download registry; a file that cannot be had raises
+    `AssetUnavailableError`, saying where it looked and how to get it."""
+    if name not in OPENAI_ENCODINGS:
+        raise ValueError(unknown_name("encoding", name, OPENAI_ENCODINGS))
+    asset = OPENAI_ENCODINGS[name]
+    share_with_tiktoken(asset, fetch(asset))  # where tiktoken's own loader looks first
+    return tiktoken.get_encoding(name)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.attention import MultiHeadAttention, check_context_length
+from utils.core.onednn import cpu_has_native_bf16, pack_bf16_weight, packed_bf16_linear
 from utils.model import GELU, GPTModel, LayerNorm, generate_text_simple
 from utils.train import TrainingHistory, evaluate_model, text_to_token_ids, token_ids_to_text
 
@@ -213,16 +214,14 @@ class CachedGPT(CachedModel):
 
 
 def bf16_supported(device) -> bool:
-    """True if `device` runs bfloat16 matrix products natively (CUDA Ampere or later,
-    Apple GPUs, CPUs with AVX512-BF16 or AMX); plain AVX2 CPUs only emulate them, slowly."""
+    """True if `device` runs bfloat16 matrix products natively: NVIDIA GPUs of compute
+    capability 8.0 (Ampere) or later, AMD GPUs, Apple GPUs, CPUs with AVX512-BF16 or AMX.
+    Older NVIDIA GPUs (T4, V100, P100) and plain AVX2 CPUs only emulate it, slowly."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not torch.cuda.is_bf16_supported(): it also says yes to emulation
+        return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN
-            return False
+        return cpu_has_native_bf16()  # AVX512-BF16 or AMX, as oneDNN detects them
     return device.type == "mps"
 
 
@@ -250,15 +249,6 @@ def autocast_bf16(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def _pack_for_cpu(weight: torch.Tensor):
-    """`weight` packed once into oneDNN's layout for bfloat16 dot products (as torch.compile
-    does for CPUs), or None where this PyTorch build has no such operator."""
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # 1: tuned for one row
-    except (AttributeError, RuntimeError):
-        return None
-
-
 class BF16Linear(nn.Linear):
     """nn.Linear with bfloat16 weights: takes any input, returns bfloat16. The packed copy
     is made once from the weight; for new weights, make a new bf16_inference_model."""
@@ -268,7 +258,7 @@ class BF16Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
         if self.packed is not None and x.is_cpu:  # oneDNN's product on the packed weight
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_bf16_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -288,7 +278,7 @@ def bf16_inference_model(model: GPTModel) -> GPTModel:
             module.__class__ = BF16Linear  # same parameters, new forward (as set_impl does)
             module.to(torch.bfloat16)
             if device.type == "cpu" and native:
-                module.packed = _pack_for_cpu(module.weight)
+                module.packed = pack_bf16_weight(module.weight)  # None: F.linear instead
     return copied
 
 

@@ -12,7 +12,7 @@ Shapes: B batch, T tokens, C embedding dim, H query heads, G key-value heads (gr
 D head dim, F feed-forward width, V vocabulary size.
 """
 
-__all__ = ["RopeScaling", "LlamaConfig", "LLAMA32_1B", "QWEN3_0_6B", "LLAMA_TINY", "QWEN3_TINY", "RMSNorm", "rope_frequencies", "rope_angles", "rope_tables", "apply_rope", "SwiGLUFeedForward", "GroupedQueryAttention", "kv_cache_bytes", "LlamaBlock", "LlamaModel", "CachedLlama", "config_from_hf", "load_hf_weights_into_llama", "CHAT_STOP_TOKENS", "format_chat", "HubTokenizer", "PRETRAINED_LLAMAS", "load_llama_checkpoint", "load_pretrained_llama"]
+__all__ = ["RopeScaling", "LlamaConfig", "LLAMA32_1B", "QWEN3_0_6B", "LLAMA_TINY", "QWEN3_TINY", "RMSNorm", "rope_frequencies", "rope_angles", "rope_tables", "apply_rope", "SwiGLUFeedForward", "GroupedQueryAttention", "kv_cache_bytes", "LlamaBlock", "LlamaModel", "CachedLlama", "config_from_hf", "load_hf_weights_into_llama", "CHAT_STOP_TOKENS", "format_chat", "HubTokenizer", "load_llama_checkpoint", "PRETRAINED_LLAMAS", "load_pretrained_llama"]
 
 
 import dataclasses
@@ -445,21 +445,6 @@ class HubTokenizer:
         return self.encode(format_chat(messages, self.model_type, thinking))
 
 
-PRETRAINED_LLAMAS = {  # Hub repository -> its files' names in the download registry
-    "Qwen/Qwen3-0.6B": "qwen3-0.6b",  # + "-config", "-tokenizer", "-weights"
-    "meta-llama/Llama-3.2-1B": "llama-3.2-1b",
-}
-_ACCESS = {
-    "Qwen/Qwen3-0.6B": "Qwen3-0.6B (1.5 GB, Apache 2.0) is downloaded once from the Hugging "
-                       "Face Hub; it needs internet access but no account.",
-    "meta-llama/Llama-3.2-1B": (
-        "Llama 3.2 1B (2.5 GB) is gated: log in on huggingface.co, accept the license on "
-        "https://huggingface.co/meta-llama/Llama-3.2-1B, create an access token "
-        "(https://huggingface.co/settings/tokens) and set the environment variable HF_TOKEN "
-        "to it before starting Python."),
-}
-
-
 def _empty_llama(cfg: LlamaConfig, dtype: torch.dtype, device) -> LlamaModel:
     """A LlamaModel with allocated but uninitialized parameters, about to be overwritten."""
     with torch.device("meta"):  # no memory and no random initialization yet
@@ -485,6 +470,21 @@ def load_llama_checkpoint(folder, dtype: torch.dtype = torch.float32,
     tokenizer = HubTokenizer(tokenizer_path, hf_config["model_type"]) \
         if tokenizer_path.is_file() else None
     return model.eval(), tokenizer
+
+
+PRETRAINED_LLAMAS = {  # Hub repository -> its files' names in the download registry
+    "Qwen/Qwen3-0.6B": "qwen3-0.6b",  # + "-config", "-tokenizer", "-weights"
+    "meta-llama/Llama-3.2-1B": "llama-3.2-1b",
+}
+_ACCESS = {
+    "Qwen/Qwen3-0.6B": "Qwen3-0.6B (1.5 GB, Apache 2.0) is downloaded once from the Hugging "
+                       "Face Hub; it needs internet access but no account.",
+    "meta-llama/Llama-3.2-1B": (
+        "Llama 3.2 1B (2.5 GB) is gated: log in on huggingface.co, accept the license on "
+        "https://huggingface.co/meta-llama/Llama-3.2-1B, create an access token "
+        "(https://huggingface.co/settings/tokens) and set the environment variable HF_TOKEN "
+        "to it before starting Python."),
+}
 
 
 def load_pretrained_llama(repo_id: str = "Qwen/Qwen3-0.6B", dtype: torch.dtype = torch.float32,

@@ -26,7 +26,7 @@ class LoRALayer(nn.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
         self.A = nn.Parameter(torch.empty(in_dim, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises weights
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's init; range from the rank
         self.B = nn.Parameter(torch.zeros(rank, out_dim))
         self.alpha = alpha
 

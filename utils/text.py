@@ -11,12 +11,7 @@ __all__ = ["SimpleTokenizerV1", "SimpleTokenizerV2", "get_gpt2_tokenizer", "GPTD
 
 
 import functools
-import hashlib
-import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 import tiktoken
 import torch
@@ -25,7 +20,7 @@ from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenization 
 from torch.utils.data import DataLoader, Dataset
 
 from utils.core.assets import get_asset
-from utils.core.download import fetch
+from utils.core.download import fetch, share_with_tiktoken
 
 
 _SPLIT_PATTERN = r'([,.:;?_!"()\']|--|\s)'  # punctuation, double dash, whitespace
@@ -84,7 +79,7 @@ def get_gpt2_tokenizer() -> tiktoken.Encoding:
     so it works offline; afterwards `tiktoken.get_encoding("gpt2")` finds the files too."""
     vocab_bpe, encoder_json = fetch("gpt2-vocab-bpe"), fetch("gpt2-encoder-json")
     for name, path in (("gpt2-vocab-bpe", vocab_bpe), ("gpt2-encoder-json", encoder_json)):
-        _share_with_tiktoken(get_asset(name).url, path)
+        share_with_tiktoken(name, path)  # where tiktoken's own loader looks (its cache)
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json),
         vocab_bpe_hash=get_asset("gpt2-vocab-bpe").sha256,
@@ -92,25 +87,6 @@ def get_gpt2_tokenizer() -> tiktoken.Encoding:
     )
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-
-
-def _share_with_tiktoken(url: str, path: Path) -> None:
-    """Copy a fetched file to where tiktoken's own loader looks for `url` (its cache folder,
-    one file per URL, named by the URL's sha1), unless the user switched that cache off."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
-    if cache == "":
-        return
-    folder = Path(cache) if cache else Path(tempfile.gettempdir()) / "data-gym-cache"
-    target = folder / hashlib.sha1(url.encode()).hexdigest()
-    if target.exists():
-        return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)  # whole or not at all
-    except OSError:
-        pass  # a read-only temp folder: tiktoken will download the file itself when asked
 
 
 class GPTDatasetV1(Dataset):

@@ -53,6 +53,7 @@ def _hub(name: str, model: tuple[str, str], file: str, size: int, sha256: str,
                  description=description, token_env=token_env)
 
 _BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+_TIKTOKEN = "https://openaipublic.blob.core.windows.net/encodings/"
 _RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
 
 _ALL = [
@@ -80,6 +81,12 @@ _ALL = [
     Asset("gpt2-vocab-bpe", "gpt2/vocab.bpe", _BPE + "vocab.bpe", 456318,
           "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
           description="GPT-2 BPE merges (tiktoken 'gpt2')"),
+    Asset("cl100k-base", "openai/cl100k_base.tiktoken", _TIKTOKEN + "cl100k_base.tiktoken",
+          1681126, "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+          description="GPT-4's BPE merges (tiktoken 'cl100k_base'): notebook 02b"),
+    Asset("o200k-base", "openai/o200k_base.tiktoken", _TIKTOKEN + "o200k_base.tiktoken",
+          3613922, "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+          description="GPT-4o's BPE merges (tiktoken 'o200k_base'): notebook 02b"),
     Asset("gpt2-small-124M", "gpt2-weights/gpt2-small-124M.safetensors",
           _HF.format(repo="gpt2"), 548105171,
           "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",

@@ -19,6 +19,7 @@ so that a test run never starts a download of model weights). An asset
 that needs an access token (a gated model on the Hugging Face Hub) names an environment
 variable, `HF_TOKEN`; its value is sent as a bearer token to the asset's own host only (also
 after a redirect within that host), never to the storage servers the host redirects to.
+`share_with_tiktoken` leaves a fetched tokenizer file where tiktoken's own loader finds it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import http.client
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 import urllib.error
@@ -45,7 +47,7 @@ from utils.core.env import env_flag, env_number
 from utils.core.paths import REPO_ROOT, shown_path
 
 __all__ = [
-    "fetch", "fetch_refusal", "verify_file", "default_data_dir", "offline_mode",
+    "fetch", "fetch_refusal", "verify_file", "default_data_dir", "offline_mode", "share_with_tiktoken",
     "AssetUnavailableError", "MirrorNotFoundError",
     "ENV_DATA_DIR", "ENV_MIRROR", "ENV_OFFLINE", "ENV_MAX_DOWNLOAD_MB",
 ]
@@ -427,3 +429,24 @@ def _finish(asset: Asset, part: Path, dest: Path) -> str | None:
         return "the download is not a valid zip file"
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def share_with_tiktoken(name: str, path: Path) -> None:
+    """Copy the fetched asset `name` (its file at `path`) to where tiktoken's own loader looks
+    for the asset's URL: tiktoken's cache folder, one file per URL named by the URL's sha1. Then
+    `tiktoken.get_encoding(...)` finds it without a download. Does nothing if the user switched
+    that cache off (`TIKTOKEN_CACHE_DIR=""`) or the folder cannot be written."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    if cache == "":
+        return
+    folder = Path(cache) if cache else Path(tempfile.gettempdir()) / "data-gym-cache"
+    target = folder / hashlib.sha1(get_asset(name).url.encode()).hexdigest()
+    if target.exists():
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)  # whole or not at all
+    except OSError:
+        pass  # a read-only temp folder: tiktoken will download the file itself when asked

@@ -50,7 +50,7 @@ def stand_in_reason(asset_name: str) -> str | None:
     real weights will be used (on this machine, or downloadable): the learner asked for it
     (`$LLM_COURSE_FALLBACK=1`), or the file is not here and may not be downloaded."""
     if fallback_mode():
-        return f"${ENV_FALLBACK}=1 is set"
+        return "the stand-in was asked for"  # (${ENV_FALLBACK}=1)
     return fetch_refusal(asset_name)
 
 

@@ -45,6 +45,9 @@ BENCHMARK_FILES = {
 }
 PACKAGES = ["torch", "tiktoken", "safetensors", "tqdm", "numpy", "pandas", "matplotlib"]
 _IMPORT = re.compile(r"^\s*(?:from\s+utils\.([\w.]+)\s+import|import\s+utils\.([\w.]+))", re.M)
+# A command the chapter's text tells the learner to run (`python -m utils.cli.chat`): its module
+# is carried too, so that the command runs in the copy (in a cell, after `!`).
+_COMMAND = re.compile(r"-m utils\.(cli\.\w+)")
 
 # The first code cell of every chapter notebook starts with these lines. What it prints (the
 # PyTorch build, the device, package versions) differs between machines, so the cell is tagged
@@ -65,6 +68,11 @@ from utils.core.device import get_device
 
 device = get_device()'''
 _SOLUTIONS = re.compile(r"Worked solutions are in `solutions/([\w.]+)`")
+# The sentence before a notebook's export cell, which in a copy has nothing to export.
+_EXPORT = re.compile(r"The next cell writes the `#\| export` cells[^(]*\([^)]*\)\.")
+_EXPORT_IN_A_COPY = ("In a clone of the course, the next cell writes the `#| export` cells into "
+                     "the module; in this copy the module came with the cells at the top, so "
+                     "the cell only says that there is nothing to export here.")
 
 _NOTE = """\
 **Running this copy on Colab or Kaggle.** The chapter starts after the setup below. This
@@ -73,8 +81,13 @@ cell: run the next cells in order (they install what the platform lacks and writ
 modules into `./utils`) and go on to the chapter. You need not read the modules now: a
 chapter's module is built, step by step, in the chapter named in its first lines; the ones
 under `core/` and `tools/` (downloads, paths, devices, exporting) are the course's plumbing,
-written by hand and built in no chapter. In a clone of the course, open `notebooks/`
-instead, where `utils` is already installed.
+written by hand and built in no chapter. A command the chapter mentions (`python -m
+utils.cli...`) runs in a code cell of this copy with `!` in front of it (the chat command
+reads what you type: run it where you have a terminal). On Colab
+and Kaggle each notebook runs on a machine of its own: a file that an earlier chapter saved
+(a checkpoint) must be downloaded from that notebook's files and uploaded here, into the same
+folder. In a clone of the course, open `notebooks/` instead, where `utils` is already
+installed and every chapter finds what the earlier ones saved.
 """
 
 _INSTALL = """\
@@ -102,11 +115,13 @@ def _module_path(name: str) -> Path:
 
 def modules_needed(nb_path: Path) -> list[str]:
     """The `utils` modules (as paths below utils/, e.g. "core/download") a notebook imports or
-    exports, with everything those import and the packages' `__init__` files."""
+    exports or whose commands its text names, with everything those import and the
+    packages' `__init__` files."""
     nb = nbformat.read(nb_path, as_version=4)
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     exported = set(re.findall(r"^#\| default_exp (\w+)", code, re.M))  # as if it had exported
-    todo = _imports(code) | exported | set(ALWAYS)
+    commands = {m.replace(".", "/") for c in nb.cells for m in _COMMAND.findall(c.source)}
+    todo = _imports(code) | exported | commands | set(ALWAYS)
     done: set[str] = set()
     while todo:
         name = todo.pop()
@@ -146,6 +161,7 @@ def _as_in_a_copy(nb, index: int) -> None:
         if cell.cell_type == "markdown":
             cell.source = _SOLUTIONS.sub(r"Worked solutions are in the course's repository, in "
                                          r"`notebooks/solutions/\1`", cell.source)
+            cell.source = _EXPORT.sub(_EXPORT_IN_A_COPY, cell.source)
         kept.append(cell)
     nb.cells = kept
 
