@@ -130,7 +130,7 @@ def test_the_stand_in_reason_says_when_and_why(no_gpt2_here, monkeypatch):
 
 
 def test_the_stand_in_is_chapter_5s_model_without_dropout(no_gpt2_here):
-    with pytest.raises(AssetUnavailableError, match="run notebooks/05_pretraining.ipynb first"):
+    with pytest.raises(AssetUnavailableError, match=r"run chapter 5's notebook \(05_pretraining.ipynb\) first"):
         load_chapter5_model()
     torch.manual_seed(0)
     small = GPTModel(dataclasses.replace(OURS, qkv_bias=False, drop_rate=0.1))

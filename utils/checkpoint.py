@@ -179,7 +179,7 @@ def _read(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}. Check the path; chapter 5's "
-                                f"checkpoint is written by notebooks/05_pretraining.ipynb.")
+                                f"checkpoint is written by chapter 5's notebook (05_pretraining.ipynb).")
     try:  # mmap: tensors are read from disk only when used
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, not a torch file, unsafe pickle, ...

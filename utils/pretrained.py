@@ -141,8 +141,8 @@ def load_chapter5_model() -> GPTModel:
     path = chapter5_checkpoint()
     if not path.is_file():
         raise AssetUnavailableError(
-            f"{shown_path(path)} is missing: run notebooks/05_pretraining.ipynb first, which "
-            f"trains and saves it.")
+            f"{shown_path(path)} is missing: run chapter 5's notebook (05_pretraining.ipynb) "
+            f"first, which trains and saves it, or put the file it saved there.")
     stored = checkpoint_info(path)["config"]
     model = GPTModel(dataclasses.replace(stored, drop_rate=0.0))  # no dropout, as for GPT-2
     return load_checkpoint(path, model=model).eval()

@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
     try:
         model = load_checkpoint(args.checkpoint).eval()
     except (FileNotFoundError, CheckpointError) as exc:
-        print(f"error: {exc}\nRun notebooks/07_instruction_finetuning.ipynb to create the model, "
-              f"or pass --checkpoint PATH.", file=sys.stderr)
+        print(f"error: {exc}\nRun chapter 7's notebook (07_instruction_finetuning.ipynb) to create "
+              f"the model, or pass --checkpoint PATH.", file=sys.stderr)
         return 2
     tokenizer = get_gpt2_tokenizer()
     torch.manual_seed(args.seed)
