@@ -4,7 +4,7 @@
 
 Built in notebooks/03_attention.ipynb, following chapter 3 of S. Raschka, *Build a Large
 Language Model (From Scratch)*, and Vaswani et al. (2017), "Attention Is All You Need".
-Shapes: B batch, T tokens, H heads, D head dim.
+Shapes: B batch, T tokens, C embedding dim (d_in), H heads, D head dim.
 """
 
 __all__ = ["check_context_length", "CausalAttention", "MultiHeadAttention"]
