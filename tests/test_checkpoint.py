@@ -1,14 +1,17 @@
 """utils/checkpoint.py: round trips, saves that a crash, a full disk or Ctrl-C cannot damage,
 wrapped models saved plain, and a clear CheckpointError for every damaged or malformed file
-(a flipped bit, a truncated copy, missing or misshapen entries)."""
+(a flipped bit in a tensor or in any byte of the metadata, a truncated copy, missing or
+misshapen entries)."""
 
 import dataclasses
+import multiprocessing
 import os
 import signal
 import struct
 import sys
 import time
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -200,3 +203,86 @@ def test_missing_optimizer_state_is_a_clear_error(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt.pt", model)
     with pytest.raises(CheckpointError, match="no optimizer state"):
         load_checkpoint(path, model=model, optimizer=optimizer)
+
+
+# --- every byte of the metadata -----------------------------------------------------------------
+
+SMALL = dataclasses.replace(GPT_TINY, vocab_size=11, context_length=4, emb_dim=4, n_heads=1,
+                            n_layers=1)
+EXTRA = {"epoch": 3, "step": 1234, "tokens_seen": 9_876_543,
+         "settings": {"config": "tiny", "seed": 123, "lr": 4e-4, "betas": (0.9, 0.95)},
+         "history": [{"step": 0, "train_loss": 10.25, "val_loss": None}]}
+
+
+def same(a, b) -> bool:
+    """Equal values of the same types, tensors bit for bit (dtype and shape included)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(map(str, a)) == list(map(str, b)) and all(same(a[k], b[k]) for k in a)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def small_checkpoint(path):
+    """A one-block model after one AdamW step on two of its tensors, with training metadata."""
+    torch.manual_seed(0)
+    model = GPTModel(SMALL)
+    optimizer = torch.optim.AdamW([model.final_norm.scale, model.out_head.weight], lr=1e-3)
+    model(torch.tensor([[1, 2]])).sum().backward()
+    optimizer.step()
+    return save_checkpoint(path, model, optimizer, **EXTRA), model, optimizer
+
+
+def flip_outcomes(path, offsets, saved_model, saved_optimizer) -> list[tuple[int, str]]:
+    """For each offset: flip one bit there, load the file, and say 'refused' (CheckpointError),
+    'harmless' (every loaded value equals the saved one) or what changed. The saved model and
+    optimizer come as their state dicts."""
+    data, flipped = path.read_bytes(), path.with_name(f"flipped-{offsets[0]}.pt")
+    torch.set_num_threads(1)
+    model = GPTModel(SMALL)
+    optimizer = torch.optim.AdamW([model.final_norm.scale, model.out_head.weight])
+    outcomes = []
+    for offset in offsets:
+        damaged = bytearray(data)
+        damaged[offset] ^= 1 << (offset % 8)  # every bit position, across the bytes
+        flipped.write_bytes(damaged)
+        try:
+            info = checkpoint_info(flipped)
+            load_checkpoint(flipped, model=model, optimizer=optimizer)
+        except CheckpointError:
+            outcomes.append((offset, "refused"))
+            continue
+        checks = {"config": info["config"] == SMALL, "extra": same(info["extra"], EXTRA),
+                  "model": same(model.state_dict(), saved_model),
+                  "optimizer": same(optimizer.state_dict(), saved_optimizer)}
+        changed = [name for name, ok in checks.items() if not ok]
+        outcomes.append((offset, "changed " + ", ".join(changed) if changed else "harmless"))
+    return outcomes
+
+
+def test_every_flipped_byte_of_the_metadata_is_refused_or_harmless(tmp_path):
+    path, model, optimizer = small_checkpoint(tmp_path / "small.pt")
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:  # the pickled metadata: everything but tensor bytes
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    header = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[header + 26:header + 30])
+    start = header + 30 + name_len + extra_len  # after the local file header
+    offsets = range(start, start + info.file_size)
+    saved_model, saved_optimizer = model.state_dict(), optimizer.state_dict()
+    if sys.platform == "linux" and (os.cpu_count() or 1) > 1:  # two processes, half each
+        halves = [offsets[0::2], offsets[1::2]]
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = pool.map(flip_outcomes, [path] * 2, halves, [saved_model] * 2,
+                             [saved_optimizer] * 2)
+            outcomes = [outcome for part in parts for outcome in part]
+    else:
+        outcomes = flip_outcomes(path, offsets, saved_model, saved_optimizer)
+    changed = [(offset - start, what) for offset, what in outcomes if what.startswith("changed")]
+    assert not changed, f"{len(changed)} flips loaded with changed values, e.g. {changed[:5]}"
+    refused = sum(what == "refused" for _, what in outcomes)
+    assert len(outcomes) == info.file_size > 5000 and refused > 0.8 * len(outcomes)

@@ -214,15 +214,20 @@ def test_bad_arguments_are_one_line_errors_before_any_work(case, pretrain, verdi
 @pytest.mark.parametrize("change, expected", [
     (["--epochs", "2", "--batch-size", "2"], "batch_size (saved 4, now 2)"),
     (["--epochs", "2", "--config", "gpt2-small"], "config (saved 'tiny', now 'gpt2-small')"),
+    (["--epochs", "2", "--seed", "7"], "seed (saved 123, now 7)"),
+    (["--epochs", "2", "--data", "{other}"], "another training text (--data)"),
+    (["--epochs", "2", "--max-steps", "3"], "has already trained 36 step(s)"),
     (["--epochs", "1"], "has already trained 1 epoch(s)")])
 def test_a_resume_that_cannot_continue_is_refused_before_any_work(change, expected, pretrain,
                                                                   verdict, one_epoch, tmp_path,
                                                                   monkeypatch):
     out = copy_of(one_epoch, tmp_path)
     saved = (out / "latest.pt").read_bytes()
+    other = tmp_path / "other.txt"  # the same length, another text
+    other.write_text(Path(verdict).read_text(encoding="utf-8")[::-1], encoding="utf-8")
     refuse_to_work(monkeypatch)
     message = usage_error(pretrain, "--data", verdict, "--out", out, *TINY_RUN, "--resume",
-                          *change)
+                          *[a.format(other=other) for a in change])
     assert expected in message, message
     assert (out / "latest.pt").read_bytes() == saved  # the checkpoint left as it was
 
@@ -238,6 +243,63 @@ def test_a_checkpoint_whose_optimizer_does_not_fit_is_refused_in_one_line(pretra
                           "--epochs", "2")
     assert "cannot resume" in message and "optimizer state does not fit" in message
     assert "start afresh with another --out" in message.lower()
+
+
+def test_a_new_run_never_replaces_an_earlier_one(pretrain, verdict, one_epoch, tmp_path,
+                                                 monkeypatch):
+    out = copy_of(one_epoch, tmp_path)
+    saved = (out / "latest.pt").read_bytes()
+    refuse_to_work(monkeypatch)
+    message = usage_error(pretrain, "--data", verdict, "--out", out, *TINY_RUN)  # no --resume
+    assert "already holds a run (epoch 1, step 36)" in message
+    assert "continue it with --resume, or start a new run in another folder with --out" in message
+    assert (out / "latest.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize("where", ["resumed run", "new run"])
+def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_fails(
+        where, pretrain, verdict, one_epoch, tmp_path, capsys):
+    out = copy_of(one_epoch, tmp_path) if where == "resumed run" else tmp_path / "new"
+    saved = (out / "latest.pt").read_bytes() if where == "resumed run" else None
+    resume = ["--resume"] if where == "resumed run" else []
+    status = main([str(a) for a in ["--data", verdict, "--out", out, *TINY_RUN, "--epochs", "3",
+                                    *resume, "--lr", "1e30"]])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("error: the ") and err.count("\n") == 1, err
+    assert "so the run stopped without saving" in err and "with a lower --lr" in err
+    if saved is None:
+        assert "Last good checkpoint: none saved yet" in err and not out.joinpath("latest.pt").exists()
+    else:
+        assert f"Last good checkpoint: {out / 'latest.pt'} (epoch 1, step 36)" in err
+        assert (out / "latest.pt").read_bytes() == saved  # the good checkpoint, untouched
+
+
+def test_a_checkpoint_without_a_training_position_is_refused_in_one_line(
+        pretrain, verdict, one_epoch, tmp_path, monkeypatch):
+    out = copy_of(one_epoch, tmp_path)
+    save_checkpoint(out / "latest.pt", load_checkpoint(out / "latest.pt"))  # as chapter 5 saves
+    refuse_to_work(monkeypatch)
+    message = usage_error(pretrain, "--data", verdict, "--out", out, *TINY_RUN, "--resume",
+                          "--epochs", "2")
+    assert "holds no training position (epoch, step, batch_in_epoch" in message
+    assert "start afresh with another --out" in message
+
+
+def test_a_mid_epoch_position_beyond_the_data_is_refused_in_one_line(
+        pretrain, verdict, one_epoch, tmp_path, monkeypatch):
+    out = copy_of(one_epoch, tmp_path)
+    info = checkpoint_info(out / "latest.pt")
+    extra = {**info["extra"], "batch_in_epoch": 10}  # stopped 10 batches into epoch 2 ...
+    extra["settings"] = {k: v for k, v in extra["settings"].items() if k != "data_sha256"}
+    model = load_checkpoint(out / "latest.pt")  # ... by a version that kept no data digest
+    save_checkpoint(out / "latest.pt", model, build_optimizer(model, 2e-3, 0.1), **extra)
+    short = tmp_path / "short.txt"  # a fifth of the story: 7 batches per epoch
+    short.write_text(Path(verdict).read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    refuse_to_work(monkeypatch)
+    message = usage_error(pretrain, "--data", short, "--out", out, *TINY_RUN, "--resume",
+                          "--epochs", "2")
+    assert "stopped after batch 10 of an epoch, but this data gives only" in message
 
 
 # --- fresh processes --------------------------------------------------------------------------

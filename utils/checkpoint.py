@@ -2,8 +2,9 @@
 section 5.4, shows what it adds to a plain `torch.save` and how to use it).
 
 A course checkpoint is one `torch.save` file holding the model's state, optionally the
-optimizer's, the model configuration, free-form metadata (epoch, step, ...) and a sha256
-digest of every tensor. What can go wrong, and what this module does about it:
+optimizer's, the model configuration, free-form metadata (epoch, step, ...), a sha256
+digest of every tensor and one digest of everything in the file (keys, numbers, strings and
+the tensors' digests). What can go wrong, and what this module does about it:
 
 - a crash or power loss in the middle of a save: the file is written under a temporary name
   unique to the process, flushed to disk (`fsync`), then renamed over the old one, so the
@@ -11,7 +12,9 @@ digest of every tensor. What can go wrong, and what this module does about it:
 - Ctrl-C (or a notebook's interrupt) in the middle of a save: the interrupt waits until the
   file is complete and renamed, then arrives as the usual `KeyboardInterrupt`;
 - a file damaged later (a flipped byte, a truncated copy): the digests are checked on load,
-  and every malformed file raises `CheckpointError` naming the file;
+  so a change anywhere in the file, in a tensor or in the metadata (an epoch, an optimizer
+  setting, a key of the config), raises `CheckpointError` naming the file, as does every
+  malformed file;
 - loading into the wrong architecture: the stored config is compared first, and the error
   says which fields differ;
 - code in a downloaded file: it is read with `torch.load(weights_only=True)`, which refuses
@@ -40,8 +43,8 @@ from utils.model import GPTConfig, GPTModel
 __all__ = ["CHECKPOINT_FORMAT", "CHAPTER5_CHECKPOINT", "CheckpointError", "chapter5_checkpoint",
            "save_checkpoint", "checkpoint_info", "load_checkpoint"]
 
-CHECKPOINT_FORMAT = "llm-course-checkpoint/2"  # /2 adds the tensor digests
-_READABLE_FORMATS = ("llm-course-checkpoint/1", CHECKPOINT_FORMAT)
+CHECKPOINT_FORMAT = "llm-course-checkpoint/3"  # /2 added the tensor digests, /3 the whole-file one
+_READABLE_FORMATS = ("llm-course-checkpoint/1", "llm-course-checkpoint/2", CHECKPOINT_FORMAT)
 CHAPTER5_CHECKPOINT = "05_pretrained_the_verdict.pt"  # chapters 6-7 fall back to it offline
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
 
@@ -111,6 +114,40 @@ def _digests(payload: dict) -> dict[str, str]:
             for name, t in _tensors(payload[part], part)}
 
 
+def _canonical(tree, out: list) -> None:
+    """Append an unambiguous text for `tree` to `out`: every type, key and value spelled out
+    (floats exactly, as hex), each tensor by its digest, dict entries in a fixed order."""
+    if tree is None or isinstance(tree, bool):
+        out.append(f"{tree};")
+    elif isinstance(tree, (int, float, str)):
+        text = tree.hex() if isinstance(tree, float) else str(tree)
+        out.append(f"{type(tree).__name__}{len(text)}:{text};")
+    elif isinstance(tree, torch.Tensor):
+        out.append(f"tensor:{_digest(tree)};")
+    elif isinstance(tree, (list, tuple)):
+        out.append(f"{type(tree).__name__}{len(tree)}[")
+        for item in tree:
+            _canonical(item, out)
+        out.append("]")
+    elif isinstance(tree, dict):
+        out.append(f"dict{len(tree)}{{")
+        for key in sorted(tree, key=lambda k: (type(k).__name__, str(k))):
+            _canonical(key, out)
+            _canonical(tree[key], out)
+        out.append("}")
+        if hasattr(tree, "_metadata"):  # a state_dict's module versions
+            _canonical(tree._metadata, out)
+    else:  # torch.load(weights_only=True) returns nothing else
+        out.append(f"{type(tree).__name__}?")
+
+
+def _file_digest(payload: dict) -> str:
+    """One sha256 over everything in the checkpoint except this digest itself."""
+    out: list[str] = []
+    _canonical({k: v for k, v in payload.items() if k != "digest"}, out)
+    return hashlib.sha256("".join(out).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def save_checkpoint(path, model: GPTModel, optimizer=None, **extra) -> Path:
     """Save model (and optimizer) state with the model config and tensor digests; `extra`
     holds metadata such as the epoch. Written atomically: a crash never damages an existing
@@ -125,6 +162,7 @@ def save_checkpoint(path, model: GPTModel, optimizer=None, **extra) -> Path:
                "optimizer": optimizer.state_dict() if optimizer is not None else None,
                "extra": _plain(extra, "extra")}
     payload["sha256"] = _digests(payload)
+    payload["digest"] = _file_digest(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with _interrupt_after_saving():
@@ -194,10 +232,17 @@ def _read(path) -> dict:
         if not isinstance(payload.get(key), kind):
             raise CheckpointError(f"{path} is damaged: its '{key}' entry is missing or has "
                                   f"the wrong type. Save it again, or restore it from a backup.")
-    if payload["format"] == CHECKPOINT_FORMAT and not isinstance(payload.get("sha256"), dict):
+    has_digests = payload["format"] != "llm-course-checkpoint/1"  # /1 predates the digests
+    if has_digests and not isinstance(payload.get("sha256"), dict):
         raise CheckpointError(f"{path} is damaged: its tensor digests are missing.")
+    if payload["format"] == CHECKPOINT_FORMAT and not isinstance(payload.get("digest"), str):
+        raise CheckpointError(f"{path} is damaged: its digest is missing.")
     if "sha256" in payload:
         _verify(path, payload)
+    if "digest" in payload and payload["digest"] != _file_digest(payload):
+        raise CheckpointError(f"{path} is damaged: its metadata (config, optimizer settings or "
+                              f"extra values) does not match the digest saved with it. Save it "
+                              f"again, or restore it from a backup.")
     return payload
 
 

@@ -22,7 +22,10 @@ and Gloo on CPUs.
     torchrun --standalone --nproc_per_node=2 -m utils.cli.pretrain --data corpus/ --config tiny
 
 Every argument is checked before any work starts; a bad one ends the command with one line
-that says what is wrong.
+that says what is wrong. Nothing saved is lost: a folder that already holds a run is refused
+unless `--resume` continues it, a resume checks that the data, seed and settings are the
+saved ones, and a run whose loss becomes NaN or infinite stops without saving, keeping the
+last good checkpoint, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -53,7 +56,11 @@ from utils.train import TrainingHistory, evaluate_model
 __all__ = ["main", "read_corpus", "build_optimizer", "CONFIGS"]
 
 CONFIGS = {"tiny": GPT_TINY, **{name.split(" ")[0]: cfg for name, cfg in GPT2_PRESETS.items()}}
-_MUST_MATCH_ON_RESUME = ["config", "context_length", "batch_size", "world_size", "drop_rate"]
+_MUST_MATCH_ON_RESUME = ["config", "context_length", "batch_size", "world_size", "drop_rate",
+                         "seed", "data_sha256"]
+# what a checkpoint of this command records about the training position, with its types
+_POSITION = {"epoch": int, "step": int, "batch_in_epoch": int, "tokens_seen": int,
+             "settings": dict, "history": list, "rng_states": list}
 
 
 class UsageError(SystemExit):
@@ -61,6 +68,10 @@ class UsageError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
+
+
+class TrainingDiverged(Exception):
+    """The loss or the weights stopped being finite numbers; nothing after that is saved."""
 
 
 def read_corpus(path: Path) -> str:
@@ -152,11 +163,29 @@ def _check_out_folder(out: Path) -> None:
                          f"folder with --out") from exc
 
 
-def _settings(args, world: int) -> dict:
+def _settings(args, world: int, data_sha256: str) -> dict:
     return {"config": args.config, "context_length": args.context_length,
             "batch_size": args.batch_size, "world_size": world,
             "drop_rate": _model_config(args).drop_rate, "lr": args.lr,
-            "weight_decay": args.weight_decay, "seed": args.seed}
+            "weight_decay": args.weight_decay, "seed": args.seed, "data_sha256": data_sha256}
+
+
+def _text_sha256(text: str) -> str:
+    """Which training text a run used: a resume on another text would skip the wrong batches."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_new_run(latest: Path) -> None:
+    """A run without --resume never replaces the checkpoint of an earlier one."""
+    if not latest.exists():
+        return
+    try:
+        extra = checkpoint_info(latest)["extra"]
+        what = f"a run (epoch {extra.get('epoch', '?')}, step {extra.get('step', '?')})"
+    except (CheckpointError, OSError):
+        what = "a checkpoint"
+    raise UsageError(f"{latest} already holds {what}; continue it with --resume, or start a "
+                     f"new run in another folder with --out")
 
 
 def _model_config(args):
@@ -166,7 +195,7 @@ def _model_config(args):
     return cfg
 
 
-def _check_resume(latest: Path, args, world: int) -> dict:
+def _check_resume(latest: Path, args, world: int, data_sha256: str) -> dict:
     """The saved training state, after checking it can continue with these arguments."""
     if not latest.is_file():
         raise UsageError(f"--resume given but there is no checkpoint at {latest}")
@@ -174,16 +203,27 @@ def _check_resume(latest: Path, args, world: int) -> dict:
         extra = checkpoint_info(latest)["extra"]
     except (CheckpointError, FileNotFoundError) as exc:
         raise UsageError(f"cannot resume: {exc}") from exc
-    saved = extra.get("settings", {})
-    wanted = _settings(args, world)
-    clashes = [f"{key} (saved {saved[key]!r}, now {wanted[key]!r})"
+    missing = [key for key, kind in _POSITION.items()
+               if not isinstance(extra.get(key), kind) or isinstance(extra.get(key), bool)]
+    if missing:
+        raise UsageError(f"cannot resume {latest}: it holds no training position ("
+                         f"{', '.join(missing)} missing), so this command did not write it "
+                         f"(chapter 5's and 7's checkpoints are not resumable here); start "
+                         f"afresh with another --out")
+    saved = extra["settings"]
+    wanted = _settings(args, world, data_sha256)
+    clashes = ["another training text (--data)" if key == "data_sha256"
+               else f"{key} (saved {saved[key]!r}, now {wanted[key]!r})"
                for key in _MUST_MATCH_ON_RESUME if key in saved and saved[key] != wanted[key]]
     if clashes:
         raise UsageError(f"cannot resume {latest} with different " + ", ".join(clashes) +
                          "; use the saved values, or start afresh with another --out")
-    if extra["epoch"] >= args.epochs and not extra.get("batch_in_epoch"):
+    if extra["epoch"] >= args.epochs and not extra["batch_in_epoch"]:
         raise UsageError(f"{latest} has already trained {extra['epoch']} epoch(s); ask for "
                          f"more with --epochs (counting those)")
+    if args.max_steps is not None and extra["step"] >= args.max_steps:
+        raise UsageError(f"{latest} has already trained {extra['step']} step(s); ask for more "
+                         f"with --max-steps (counting those)")
     return extra
 
 
@@ -258,8 +298,10 @@ def _set_rng_state(state: dict) -> None:
 class _Run:
     """The model, optimizer and position of one training run, and how to save them."""
 
-    def __init__(self, args, rank: int, world: int, device: torch.device, latest: Path):
+    def __init__(self, args, rank: int, world: int, device: torch.device, latest: Path,
+                 data_sha256: str):
         self.args, self.rank, self.world, self.device, self.latest = args, rank, world, device, latest
+        self.data_sha256 = data_sha256
         torch.manual_seed(args.seed)  # the same initial weights in every process
         self.model = GPTModel(_model_config(args)).to(device)
         if args.impl == "fast":
@@ -295,10 +337,41 @@ class _Run:
             save_checkpoint(self.latest, self.model, self.optimizer, epoch=self.epoch,
                             batch_in_epoch=self.batch_in_epoch, step=self.step,
                             tokens_seen=self.tokens_seen, rng_states=states,
-                            settings=_settings(self.args, self.world),
+                            settings=_settings(self.args, self.world, self.data_sha256),
                             history=self.history.records)
         if self.world > 1:
             dist.barrier()  # nobody races ahead of the checkpoint
+
+
+def _everywhere(ok: bool, run: _Run) -> bool:
+    """True if `ok` holds in every process (one tiny all-reduce under torchrun)."""
+    if run.world == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=run.device)  # NCCL reduces GPU tensors
+    dist.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+def _check_loss(run: _Run, loss: torch.Tensor, epoch: int) -> None:
+    """Stop before the optimizer step once any process's loss is NaN or infinite."""
+    value = loss.item()
+    if not _everywhere(math.isfinite(value), run):
+        shown = value if not math.isfinite(value) else "not finite in another process"
+        raise TrainingDiverged(f"the training loss became {shown} at step {run.step} "
+                               f"(epoch {epoch + 1})")
+
+
+def _check_weights(run: _Run, batch, epoch: int) -> None:
+    """Before a save: finite weights that give a finite loss on the last batch."""
+    healthy = all(bool(torch.isfinite(p).all()) for p in run.model.parameters())
+    if healthy:
+        run.model.eval()  # no dropout, so the random number generators are left as they are
+        with torch.no_grad():
+            healthy = math.isfinite(fast_loss_batch(*batch, run.model, run.device).item())
+        run.model.train()
+    if not _everywhere(healthy, run):
+        raise TrainingDiverged(f"the weights stopped giving a finite loss after step "
+                               f"{run.step - 1} (epoch {epoch + 1})")
 
 
 def _train(run: _Run, ddp, train_loader, val_loader, sampler) -> bool:
@@ -316,10 +389,12 @@ def _train(run: _Run, ddp, train_loader, val_loader, sampler) -> bool:
             _set_rng_state(run.rng_state)
             run.rng_state = None
         ddp.train()
-        for input_batch, target_batch in batches:
+        for batch in batches:
+            input_batch, target_batch = batch
             run.optimizer.zero_grad()
             loss = fast_loss_batch(input_batch, target_batch, ddp, run.device)  # fused CE
             loss.backward()  # DDP averages the gradients across processes here
+            _check_loss(run, loss, epoch)  # a diverged run stops here, before the update
             run.optimizer.step()
             run.tokens_seen += input_batch.numel() * run.world
             if run.step % args.eval_freq == 0 and run.rank == 0:
@@ -330,15 +405,25 @@ def _train(run: _Run, ddp, train_loader, val_loader, sampler) -> bool:
             run.step += 1
             run.batch_in_epoch += 1
             if args.max_steps is not None and run.step >= args.max_steps:
+                _check_weights(run, batch, epoch)
                 run.epoch = epoch
                 run.save()
                 return True
             if args.save_every and run.step % args.save_every == 0:
+                _check_weights(run, batch, epoch)
                 run.epoch = epoch
                 run.save()
+        _check_weights(run, batch, epoch)
         run.epoch, run.batch_in_epoch = epoch + 1, 0
         run.save()
     return False
+
+
+def _last_saved(latest: Path) -> str:
+    if not latest.is_file():
+        return "none saved yet"
+    saved = checkpoint_info(latest)["extra"]
+    return f"{latest} (epoch {saved['epoch']}, step {saved['step']})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,11 +435,19 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         keep_freed_memory()  # reuse freed memory rather than fault in fresh pages each step
     say = print if rank == 0 else (lambda *a, **k: None)
-    extra = _check_resume(latest, args, world) if args.resume else None
+    text = read_corpus(args.data)
+    data_sha256 = _text_sha256(text)
+    if not args.resume:
+        _check_new_run(latest)
+    extra = _check_resume(latest, args, world, data_sha256) if args.resume else None
     if rank == 0:
         _check_out_folder(out)
-    train_loader, val_loader, sampler = _loaders(read_corpus(args.data), args, rank, world)
-    run = _Run(args, rank, world, device, latest)
+    train_loader, val_loader, sampler = _loaders(text, args, rank, world)
+    if extra is not None and extra["batch_in_epoch"] >= len(train_loader):
+        raise UsageError(f"cannot resume {latest}: it stopped after batch "
+                         f"{extra['batch_in_epoch']} of an epoch, but this data gives only "
+                         f"{len(train_loader)} batches per epoch; use the saved run's --data")
+    run = _Run(args, rank, world, device, latest, data_sha256)
     if extra is not None:
         run.resume(extra)
         say(f"resuming from {latest}: epoch {run.epoch}, step {run.step}")
@@ -368,13 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stopped = _train(run, ddp, train_loader, val_loader, sampler)
     except KeyboardInterrupt:
-        where = "none saved yet"
-        if latest.is_file():
-            saved = checkpoint_info(latest)["extra"]
-            where = f"{latest} (epoch {saved['epoch']}, step {saved['step']})"
-        say(f"\ninterrupted at step {run.step}. Last checkpoint: {where}; continue with --resume.",
-            file=sys.stderr, flush=True)
+        say(f"\ninterrupted at step {run.step}. Last checkpoint: {_last_saved(latest)}; "
+            f"continue with --resume.", file=sys.stderr, flush=True)
         return 130
+    except TrainingDiverged as exc:
+        say(f"error: {exc}, so the run stopped without saving. Last good checkpoint: "
+            f"{_last_saved(latest)}; resume it with a lower --lr.", file=sys.stderr, flush=True)
+        if world > 1:
+            dist.destroy_process_group()
+        return 1
     if rank == 0:
         train_loss, val_loss = evaluate_model(run.model, train_loader, val_loader, device,
                                               args.eval_iter)
