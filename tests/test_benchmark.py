@@ -128,6 +128,62 @@ def test_benchmark_checks_its_arguments():
         run_benchmark("gpt5", memory=False, progress=False)
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """The benchmark's run, made to fail the test if it is ever started."""
+    def started(**kwargs):
+        raise AssertionError(f"the benchmark started its run with {kwargs}")
+    monkeypatch.setattr(benchmark, "run_benchmark", started)
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "--repeats must be at least 1"),  # ran 40 s, then crashed
+    (["--batch-size", "0"], "--batch-size must be at least 1"),  # a table of zeros, status 0
+    (["--matmul-size", "0"], "--matmul-size must be at least 1"),  # the same
+    (["--context", "0"], "--context must be at least 1"),
+    (["--new-tokens", "-1"], "--new-tokens must be at least 1"),
+    (["--context", "65"], "pass --context 64 or less"),
+    (["--new-tokens", "61"], "pass --new-tokens 60 or less"),
+    (["--peak-tflops", "0"], "--peak-tflops must be a positive number"),
+    (["--device", "foo"], "--device foo is not a device name; pass cpu"),
+    (["--device", "cuda"], "PyTorch sees no CUDA GPU here; pass --device cpu"),
+    (["--device", "cuda:1"], "PyTorch sees no CUDA GPU here; pass --device cpu"),
+    (["--plot", "chart.docx"], "matplotlib cannot write .docx files")],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_arguments_are_one_line_errors_before_any_work(args, message, no_work, monkeypatch,
+                                                          tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    monkeypatch.chdir(tmp_path)
+    assert benchmark.main(["--quick", *args]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_an_unwritable_json_path_is_refused_before_the_run(no_work, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    assert benchmark.main(["--quick", "--device", "cpu",
+                           "--json", str(tmp_path / "a-file" / "results.json")]) == 2
+    assert f"cannot write --json {tmp_path / 'a-file' / 'results.json'}" in _one_line_error(capsys)
+    assert benchmark.main(["--quick", "--device", "cpu", "--json", str(tmp_path)]) == 2
+    assert "is a folder; pass a file name" in _one_line_error(capsys)
+
+
+def test_an_existing_json_file_is_kept_until_the_results_are_ready(no_work, tmp_path):
+    earlier = tmp_path / "new-folder" / "results.json"
+    earlier.parent.mkdir()
+    earlier.write_text('{"earlier": "results"}')
+    with pytest.raises(AssertionError, match="started its run"):  # checked, then the run fails
+        benchmark.main(["--quick", "--device", "cpu", "--json", str(earlier)])
+    assert earlier.read_text() == '{"earlier": "results"}'
+    assert [p.name for p in earlier.parent.iterdir()] == ["results.json"]  # no probe left
+
+
 def test_every_path_has_its_own_key():
     keys = [p.key for p in TRAIN_PATHS + GEN_PATHS]
     assert len(set(keys)) == len(keys)

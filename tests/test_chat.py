@@ -1,6 +1,7 @@
 """The chat command: a scripted conversation with a tiny model, streaming through the cache,
 typed special tokens read as text, and one-line errors for bad arguments and a missing model."""
 
+import dataclasses
 import io
 
 import pytest
@@ -115,3 +116,75 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith("error: No checkpoint at")
     assert "07_instruction_finetuning" in captured.err and captured.out == ""
+
+
+def _run(argv, stdin, out):
+    """main(), with a Ctrl-C that escapes it turned into a test failure (not the end of the
+    whole pytest run, which is what an escaping KeyboardInterrupt would be)."""
+    try:
+        return main(argv, stdin=stdin, out=out)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the chat as a KeyboardInterrupt traceback")
+
+
+def test_a_checkpoint_with_a_smaller_vocabulary_is_refused_in_one_line(tmp_path, mirror_dir,
+                                                                      monkeypatch, capsys):
+    monkeypatch.setenv("LLM_COURSE_MIRROR", str(mirror_dir))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "small-vocab.pt",
+                           GPTModel(dataclasses.replace(GPT_TINY, vocab_size=1000)))
+    assert main(["--checkpoint", str(ckpt)], stdin=io.StringIO("Name a color.\n")) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "vocab_size is 1,000" in captured.err and "50,257" in captured.err
+    assert captured.out == ""  # refused at load, before the first prompt
+
+
+def test_stdin_that_is_not_utf8_is_read_with_replacement_characters(tmp_path, mirror_dir,
+                                                                    monkeypatch):
+    monkeypatch.setenv("LLM_COURSE_MIRROR", str(mirror_dir))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    stdin = io.TextIOWrapper(io.BytesIO(b"Caf\xe9 \xff?\nName a color.\n"), encoding="utf-8",
+                             errors="strict")  # as sys.stdin decodes a pipe
+    out = io.StringIO()
+    assert _run(["--checkpoint", str(ckpt), "--max-new-tokens", "2"], stdin, out) == 0
+    text = out.getvalue()
+    assert text.count("not UTF-8 text") == 1 and text.count(">>> ") == 3  # both lines answered
+    assert text.rstrip().endswith("Bye.")
+
+
+class _CtrlCAtPrompt:
+    """Standard input on which the user presses Ctrl-C instead of typing."""
+
+    def readline(self):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_at_the_prompt_leaves_quietly(tmp_path, mirror_dir, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_COURSE_MIRROR", str(mirror_dir))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = io.StringIO()
+    assert _run(["--checkpoint", str(ckpt)], _CtrlCAtPrompt(), out) == 130
+    assert out.getvalue().rstrip().endswith("Bye.")
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_mid_answer_stops_it_and_returns_to_the_prompt(tmp_path, mirror_dir, monkeypatch):
+    monkeypatch.setenv("LLM_COURSE_MIRROR", str(mirror_dir))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    answers = []
+
+    def interrupted_once(model, prompt_ids, *args):
+        answers.append(prompt_ids)
+        yield 464  # "The"
+        if len(answers) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first answer streams
+        yield 3124  # " color"
+
+    monkeypatch.setattr(chat, "stream_response", interrupted_once)
+    out = io.StringIO()
+    code = _run(["--checkpoint", str(ckpt)], io.StringIO("Name a color.\nAgain.\n"), out)
+    assert code == 0 and len(answers) == 2  # the second line was read and answered
+    first, second = out.getvalue().split(">>> ")[1:3]
+    assert first == "The [stopped]\n\n" and second == "The color\n\n"
+    assert out.getvalue().rstrip().endswith("Bye.")

@@ -10,6 +10,7 @@ import os
 import re
 import threading
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -147,6 +148,117 @@ def test_a_cache_hit_is_not_rehashed_until_the_file_changes(monkeypatch, tmp_pat
         fetched = fetch("test-file", data_dir=tmp_path, mirror="", offline=False, progress=False)
     assert fetched.read_bytes() == BODY  # fetched again
     assert path.with_name("test-file.bin.corrupt").read_bytes() == bytes(data)  # kept aside
+
+
+def _damaged_cache_and_mirror(tmp_path, body: bytes) -> tuple[Path, Path]:
+    """A cached copy with the right size and the wrong bytes, and a mirror with a good one."""
+    cached = tmp_path / "cache" / "sub" / "test-file.bin"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(bytes(255 - b for b in body))
+    mirror = tmp_path / "mirror"
+    (mirror / "sub").mkdir(parents=True)
+    (mirror / "sub" / "test-file.bin").write_bytes(body)
+    return cached, mirror
+
+
+def _fetch_when_all_are_ready(barrier, delay, data_dir, mirror, queue) -> None:
+    """In a forked child: wait for all the others, then `delay` seconds more (processes
+    started together never all start at the same instant), then fetch and report the file's
+    sha256. The machine is busy: between a look at the file and reading it, the process gives
+    up the CPU, so that another one may move the file meanwhile."""
+    real = download.verify_file
+
+    def verify_on_a_busy_machine(path, asset):
+        time.sleep(0)  # another process may run here
+        return real(path, asset)
+
+    download.verify_file = verify_on_a_busy_machine  # in this child only
+    try:
+        barrier.wait(timeout=60)
+        time.sleep(delay)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one that moves the damaged copy aside warns
+            path = fetch("test-file", data_dir=data_dir, mirror=mirror, offline=True,
+                         progress=False)
+        queue.put(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    except BaseException as exc:  # reported to the parent, which fails the test
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_50_processes_fetching_over_a_damaged_copy_all_get_the_good_file(monkeypatch, tmp_path):
+    body = BODY[: 64 * 1024]  # small: fifty processes hash it, most of them twice
+    good = hashlib.sha256(body).hexdigest()
+    register(monkeypatch, size=len(body), sha256=good)
+    cached, mirror = _damaged_cache_and_mirror(tmp_path, body)
+    damaged = cached.read_bytes()
+    ctx = multiprocessing.get_context("fork")  # cheap to start; the children never use torch
+    barrier, queue = ctx.Barrier(50), ctx.Queue()
+    procs = [ctx.Process(target=_fetch_when_all_are_ready,
+                         args=(barrier, i * 0.0004, str(tmp_path / "cache"), str(mirror), queue))
+             for i in range(50)]  # all within 20 ms
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert [r for r in results if r != good] == []  # no FileNotFoundError, no damaged copy
+    assert cached.read_bytes() == body
+    files = sorted(p.name for p in cached.parent.iterdir())
+    assert files == [".test-file.bin.lock", ".test-file.bin.verified", "test-file.bin",
+                     "test-file.bin.corrupt"]  # moved aside once; no temporary files left
+    assert cached.with_name("test-file.bin.corrupt").read_bytes() == damaged
+
+
+def test_a_cached_copy_moved_aside_while_it_is_checked_is_fetched_not_an_error(monkeypatch,
+                                                                                tmp_path):
+    register(monkeypatch)
+    cached, mirror = _damaged_cache_and_mirror(tmp_path, BODY)
+    real, moved = download.verify_file, []
+
+    def another_process_moves_it_first(path, asset):
+        if not moved:  # between this process's look at the file and its reading it
+            os.replace(path, path.with_name("elsewhere"))
+            moved.append(path)
+        return real(path, asset)
+
+    monkeypatch.setattr(download, "verify_file", another_process_moves_it_first)
+    path = fetch("test-file", data_dir=tmp_path / "cache", mirror=mirror, offline=True,
+                 progress=False)
+    assert path == cached and path.read_bytes() == BODY
+
+
+def test_each_damaged_copy_is_kept_under_its_own_name(monkeypatch, tmp_path):
+    register(monkeypatch)
+    cached, mirror = _damaged_cache_and_mirror(tmp_path, BODY)
+    kept = []
+    for damage in (b"first damage", b"second damage", b"third damage"):
+        cached.write_bytes(damage)
+        with pytest.warns(UserWarning, match="was damaged") as caught:
+            assert fetch("test-file", data_dir=tmp_path / "cache", mirror=mirror, offline=True,
+                         progress=False).read_bytes() == BODY
+        kept.append(str(caught[0].message).split("moved to ")[1].split(" and ")[0])
+    assert kept == ["test-file.bin.corrupt", "test-file.bin.corrupt.1", "test-file.bin.corrupt.2"]
+    for name, damage in zip(kept, (b"first damage", b"second damage", b"third damage")):
+        assert cached.with_name(name).read_bytes() == damage  # none overwritten
+
+
+def test_temporary_files_of_dead_fetches_are_cleaned_but_a_running_one_is_kept(monkeypatch,
+                                                                             tmp_path):
+    register(monkeypatch)
+    folder = tmp_path / "sub"
+    folder.mkdir()
+    (folder / "test-file.bin").write_bytes(BODY)  # a good copy, and what died beside it:
+    dead = [folder / ".test-file.bin.4242.0badc0de.tmp",  # a copy from the mirror
+            folder / "test-file.bin.part",  # a download, finished since by another way
+            folder / ".test-file.bin.verified.1234abcd.tmp"]  # a stamp, an hour ago
+    running = folder / ".test-file.bin.verified.5678abcd.tmp"  # a stamp being written now
+    for path in dead + [running]:
+        path.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    os.utime(dead[2], (an_hour_ago, an_hour_ago))
+    path = fetch("test-file", data_dir=tmp_path, mirror="", offline=True)
+    assert path == folder / "test-file.bin"
+    assert [p.name for p in dead if p.exists()] == [] and running.exists()
 
 
 def test_backup_url_used_when_primary_fails(monkeypatch, tmp_path, http_server):

@@ -27,13 +27,21 @@ of every round, `tokens_per_s` (median, min, max) and the `ratio` to the baselin
 (`teaching_fp32`, `no_cache`); `peak_gflops` by number format; `profile` by path key
 (utils.cli.profile_step). Chapter 5's run retrained with these paths is
 `python -m utils.cli.retrain_chapter5`.
+
+Every argument is checked before any work starts (the device exists, the sizes are at least 1
+and fit the model, the `--json` and `--plot` paths can be written); a bad one ends the command
+with one line `error: ...` that says what to pass instead, and exit status 2. An existing
+`--json` file is replaced only once the results are ready.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
+import os
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -213,6 +221,29 @@ def _setup(s: PathSettings, memory: bool, data_sheet: float | None) -> dict:
             "legend": LEGEND}
 
 
+def _size_problem(model: str, batch_size: int, context: int, repeats: int, new_tokens: int,
+                  matmul_size: int) -> str | None:
+    """What is wrong with the sizes of a run (None: nothing), saying what to pass instead."""
+    if model not in MODELS:
+        return f"Unknown model {model!r}; choose one of {list(MODELS)}"
+    for flag, value, meaning in (("--batch-size", batch_size, "sequences per training step"),
+                                 ("--context", context, "training tokens per sequence"),
+                                 ("--repeats", repeats, "paired rounds"),
+                                 ("--new-tokens", new_tokens, "generated tokens"),
+                                 ("--matmul-size", matmul_size, "side of the matrix product")):
+        if value < 1:
+            return f"{flag} must be at least 1 ({meaning}), got {value}; pass {flag} 1 or more"
+    length = MODELS[model].context_length
+    if context > length:
+        return (f"--context {context} is longer than {model}'s context_length {length}; "
+                f"pass --context {length} or less")
+    if len(PROMPT) + new_tokens > length:
+        most = length - len(PROMPT)
+        return (f"--new-tokens {new_tokens} after the {len(PROMPT)}-token prompt is longer than "
+                f"{model}'s context_length {length}; pass --new-tokens {most} or less")
+    return None
+
+
 def run_benchmark(model: str = "gpt2-small", batch_size: int = 2, context: int = 256,
                   repeats: int = 5, new_tokens: int = 200, device="cpu", memory: bool = True,
                   compile: bool = False, bf16: str | bool = "auto", keep_memory: bool = True,
@@ -220,6 +251,9 @@ def run_benchmark(model: str = "gpt2-small", batch_size: int = 2, context: int =
                   profile: bool = True, progress: bool = True) -> dict:
     """Time every training and generation path side by side; returns the results, with one
     row per path under its key (see the module docstring)."""
+    problem = _size_problem(model, batch_size, context, repeats, new_tokens, matmul_size)
+    if problem:
+        raise ValueError(problem)
     s, skipped = resolve_settings(model, batch_size, context, repeats, new_tokens, device,
                                   bf16, compile, keep_memory, matmul_size)
     train_paths, gen_paths = select_train_paths(s), select_gen_paths(s)
@@ -378,17 +412,104 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.device is None:
+class _UsageError(Exception):
+    """A bad argument: the command stops with one line, before any work."""
+
+
+def _check_device(wanted: str | None) -> str:
+    """The device to run on, checked to exist here: `wanted`, else the best one found."""
+    if wanted is None:
         from utils.core.device import get_device
-        args.device = str(get_device(verbose=False))
-    cuda = args.device.startswith("cuda")
+        try:
+            return str(get_device(verbose=False))
+        except RuntimeError as exc:  # $LLM_COURSE_DEVICE names one that is not here
+            raise _UsageError(f"{exc} Or pass --device cpu.") from exc
+    try:
+        device = torch.device(wanted)
+    except RuntimeError as exc:
+        raise _UsageError(f"--device {wanted} is not a device name; pass cpu, cuda, cuda:N or "
+                          f"mps") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise _UsageError(f"--device {wanted}, but PyTorch sees no CUDA GPU here; pass "
+                              f"--device cpu, or leave --device out to use the best one found")
+        if device.index is not None and device.index >= count:
+            raise _UsageError(f"--device {wanted}, but this machine has {count} CUDA GPU(s); "
+                              f"pass --device cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if not (mps is not None and mps.is_available()):
+            raise _UsageError(f"--device {wanted}, but MPS is not available here; pass "
+                              f"--device cpu, or leave --device out to use the best one found")
+    elif device.type != "cpu":
+        raise _UsageError(f"--device {wanted}: the benchmark runs on cpu, cuda or mps; pass "
+                          f"one of those")
+    return wanted
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """`path` can be written when the results are ready: its folder exists (made here) and
+    takes a file, and the file, if there, is not read-only. An existing file is not touched."""
+    if path.is_dir():
+        example = path / ("results.json" if flag == "--json" else "results.png")
+        raise _UsageError(f"{flag} {path} is a folder; pass a file name, e.g. {flag} {example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.write-test-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise _UsageError(f"cannot write {flag} {path} ({exc.strerror or exc}); pass a path in "
+                          f"a folder you can write") from exc
+    if path.exists() and not os.access(path, os.W_OK):
+        raise _UsageError(f"cannot write {flag} {path} (the file is read-only); pass another "
+                          f"path")
+
+
+def _check_plot_format(path: Path) -> None:
+    suffix = path.suffix.lower().lstrip(".")
+    if not suffix:
+        return  # matplotlib's default format (PNG)
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise _UsageError(f"--plot {path}: matplotlib cannot write .{suffix} files; pass a "
+                          f"name ending in one of {', '.join('.' + f for f in sorted(formats))}")
+
+
+def _check_args(args) -> dict:
+    """Every argument checked, before any work: the run's sizes, by run_benchmark's names."""
+    args.device = _check_device(args.device)
+    cuda = torch.device(args.device).type == "cuda"
     defaults = dict(QUICK) if args.quick else {
         "model": "gpt2-small", "batch_size": 16 if cuda else 2, "context": 1024 if cuda else 256,
         "repeats": 5, "new_tokens": 200, "matmul_size": 8192 if cuda else 2048}
     chosen = {name: value if (value := getattr(args, name)) is not None else default
               for name, default in defaults.items()}
+    problem = _size_problem(**chosen)
+    if problem:
+        raise _UsageError(problem)
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops)
+                                             and args.peak_tflops > 0):
+        raise _UsageError(f"--peak-tflops must be a positive number (the device's bfloat16 "
+                          f"peak in TFLOPS, e.g. 989 for an H100), got {args.peak_tflops}")
+    if args.json:
+        _check_writable(args.json, "--json")
+    if args.plot:
+        _check_plot_format(args.plot)
+        _check_writable(args.plot, "--plot")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        chosen = _check_args(args)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cuda = torch.device(args.device).type == "cuda"
     results = run_benchmark(**chosen, device=args.device, memory=not args.no_memory,
                             compile=cuda if args.compile is None else args.compile,
                             bf16={"auto": "auto", "on": True, "off": False}[args.bf16],

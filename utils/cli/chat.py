@@ -8,12 +8,16 @@ response token by token as it is generated, stopping at <|endoftext|>:
     python -m utils.cli.chat --checkpoint my_model.pt --temperature 0.7 --top-k 40
 
 Type an instruction and press Enter; an empty line is ignored; `quit` or end of input
-(Ctrl-D) exits.
+(Ctrl-D) exits, and so does Ctrl-C at the prompt (exit status 130); Ctrl-C during an answer
+stops that answer and returns to the prompt. Bytes of the input that are not UTF-8 are read
+as U+FFFD (the line says so). The model must know GPT-2's 50,257 tokens: the conversation is
+tokenized with GPT-2's tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -30,6 +34,7 @@ from utils.text import get_gpt2_tokenizer
 __all__ = ["stream_response", "main"]
 
 EOS_ID = 50256  # <|endoftext|>
+GPT2_VOCAB_SIZE = 50_257  # the tokenizer's: every ID it gives must have an embedding row
 
 
 def stream_response(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
@@ -83,8 +88,37 @@ def _check_args(args) -> str | None:
     return None
 
 
+def _vocab_problem(model) -> str | None:
+    """Why GPT-2's tokenizer cannot feed this model (None: it can)."""
+    vocab = model.cfg.vocab_size
+    if vocab < GPT2_VOCAB_SIZE:
+        return (f"the checkpoint's vocab_size is {vocab:,}, smaller than the {GPT2_VOCAB_SIZE:,} "
+                f"tokens of the GPT-2 tokenizer this chat uses (its token IDs would have no "
+                f"embedding); pass a checkpoint of a model with vocab_size {GPT2_VOCAB_SIZE:,}")
+    return None
+
+
+def _read_leniently(stdin):
+    """Standard input with undecodable bytes read as U+FFFD rather than raised."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        stdin.reconfigure(errors="replace")  # a text stream (sys.stdin); others read as they are
+    return stdin
+
+
 def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
-    parser = argparse.ArgumentParser(description="Chat with an instruction-finetuned model.")
+    """Run the chat; returns the exit status (0, 2 for a bad argument or model, 130 after
+    Ctrl-C at the prompt)."""
+    out = out or sys.stdout
+    try:
+        return _chat(argv, stdin, out)
+    except KeyboardInterrupt:  # Ctrl-C while loading or at the prompt: leave quietly
+        print("\nBye.", file=out, flush=True)
+        return 130
+
+
+def _chat(argv, stdin, out) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.cli.chat",
+                                     description="Chat with an instruction-finetuned model.")
     parser.add_argument("--checkpoint", type=Path,
                         default=checkpoint_dir() / "07_instruction_model.pt")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -92,7 +126,7 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=123)
     args = parser.parse_args(argv)
-    stdin, out = stdin or sys.stdin, out or sys.stdout
+    stdin = _read_leniently(stdin or sys.stdin)
     problem = _check_args(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -103,18 +137,34 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
         print(f"error: {exc}\nRun chapter 7's notebook (07_instruction_finetuning.ipynb) to create "
               f"the model, or pass --checkpoint PATH.", file=sys.stderr)
         return 2
+    problem = _vocab_problem(model)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     tokenizer = get_gpt2_tokenizer()
     torch.manual_seed(args.seed)
     print(f"Loaded {args.checkpoint.name} ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters). Type an instruction; `quit` or Ctrl-D to leave.", file=out, flush=True)
     while True:
         print("\n>>> ", end="", file=out, flush=True)
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError as exc:  # a stream that could not be told to replace them
+            print(file=out, flush=True)
+            print(f"error: standard input is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}"
+                  f" at position {exc.start}); save it as UTF-8 first", file=sys.stderr)
+            return 1
         if not line or line.strip().lower() in {"quit", "exit"}:  # end of input, or asked to
             print("\nBye.", file=out, flush=True)
             return 0
+        if "\ufffd" in line:
+            print("[Some bytes of that line are not UTF-8 text; they were read as \ufffd.]",
+                  file=out, flush=True)
         if line.strip():
-            _answer(model, tokenizer, line.strip(), args, out)
+            try:
+                _answer(model, tokenizer, line.strip(), args, out)
+            except KeyboardInterrupt:  # Ctrl-C mid-answer: stop this answer, back to the prompt
+                print(" [stopped]", file=out, flush=True)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,17 @@ check). Downloads go to `NAME.part` and are renamed only when complete and verif
 interrupted download never leaves a file that looks finished; the next call continues the
 `.part` file where the server allows it. Processes that fetch the same file at once (two
 notebooks, DDP ranks) take turns through a lock file: one downloads, the others then find
-the verified copy. With `$LLM_COURSE_OFFLINE=1` the network is never touched, and with
-`$LLM_COURSE_MAX_DOWNLOAD_MB=N` no file larger than N MB is downloaded (the tests set 100,
-so that a test run never starts a download of model weights). An asset
-that needs an access token (a gated model on the Hugging Face Hub) names an environment
-variable, `HF_TOKEN`; its value is sent as a bearer token to the asset's own host only (also
-after a redirect within that host), never to the storage servers the host redirects to.
+the verified copy; a copy that vanishes or changes while a process looks at it without the
+lock is looked at again under the lock. A damaged cached copy is kept for inspection under a
+name no earlier one has (`NAME.corrupt`, then `NAME.corrupt.1`, ...). Temporary files of
+fetches that died are removed by the next process that holds the lock (a `.part` file only
+once a good copy is in place: until then it is a download to continue). With
+`$LLM_COURSE_OFFLINE=1` the network is never touched, and with `$LLM_COURSE_MAX_DOWNLOAD_MB=N`
+no file larger than N MB is downloaded (the tests set 100, so that a test run never starts a
+download of model weights). An asset that needs an access token (a gated model on the
+Hugging Face Hub) names an environment variable, `HF_TOKEN`; its value is sent as a bearer
+token to the asset's own host only (also after a redirect within that host), never to the
+storage servers the host redirects to.
 `share_with_tiktoken` leaves a fetched tokenizer file where tiktoken's own loader finds it.
 """
 
@@ -27,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -58,6 +65,8 @@ ENV_OFFLINE = "LLM_COURSE_OFFLINE"  # "1": never use the network
 ENV_MAX_DOWNLOAD_MB = "LLM_COURSE_MAX_DOWNLOAD_MB"  # larger files: cache or mirror only
 PROGRESS_MIN_BYTES = 1 << 20  # files below 1 MiB download without a progress bar
 _CHUNK = 1 << 20
+_STALE_S = 600.0  # a temporary file untouched this long belongs to no running fetch
+_MISSING = "not there"
 
 
 class AssetUnavailableError(RuntimeError):
@@ -128,9 +137,11 @@ def _verify_cached(path: Path, asset: Asset, full: bool) -> str | None:
 
 
 @contextlib.contextmanager
-def _exclusive(dest: Path):
+def _exclusive(dest: Path, wait: bool = True):
     """Hold a lock file beside `dest` while one process fetches it; others wait their turn.
-    Where the filesystem cannot lock, go ahead without (temporary names are unique anyway)."""
+    Yields whether the lock is held: where the filesystem cannot lock, go ahead without
+    (temporary names are unique anyway); with `wait=False`, a lock held by another process
+    is not waited for either."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     lock = open(dest.with_name(f".{dest.name}.lock"), "a+b")
     locked = False
@@ -140,17 +151,19 @@ def _exclusive(dest: Path):
                 import msvcrt
                 while True:
                     try:
-                        msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)
+                        msvcrt.locking(lock.fileno(),
+                                       msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
                         break
                     except OSError:  # LK_LOCK gives up after 10 s: keep waiting
-                        continue
+                        if not wait:
+                            raise
             else:
                 import fcntl
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             locked = True
         except OSError:
             pass
-        yield
+        yield locked
     finally:
         if locked and os.name != "nt":
             import fcntl
@@ -164,7 +177,71 @@ def _exclusive(dest: Path):
 
 
 def _unique_tmp(dest: Path) -> Path:
+    """A temporary name beside `dest`; only the lock holder writes one (see _leftovers)."""
     return dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _leftovers(dest: Path) -> dict[str, list[Path]]:
+    """The temporary files of earlier fetches of `dest`, by kind: "copy" (a copy or
+    extraction, `_unique_tmp`; written only under the lock), "stamp" (a stamp being written,
+    by any process, for a moment) and "partial" (a download to continue, `NAME.part`)."""
+    name = re.escape(dest.name)
+    kinds = {"copy": re.compile(rf"\.{name}\.\d+\.[0-9a-f]{{8}}\.tmp"),
+             "stamp": re.compile(rf"\.{name}\.verified\.[0-9a-f]{{8}}\.tmp"),
+             "partial": re.compile(rf"{name}(\.zip)?\.part")}
+    found: dict[str, list[Path]] = {kind: [] for kind in kinds}
+    with contextlib.suppress(OSError), os.scandir(dest.parent) as entries:
+        for entry in entries:
+            for kind, pattern in kinds.items():
+                if pattern.fullmatch(entry.name):
+                    found[kind].append(Path(entry.path))
+    return found
+
+
+def _untouched_for(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+def _clean_leftovers(dest: Path, locked: bool, good_copy: bool) -> None:
+    """Remove what earlier fetches of `dest` left behind and no running fetch still writes.
+    The lock holder knows every copy file is stale (only a lock holder writes one, and it is
+    the holder now), and every partial download once `good_copy` is in place (nothing is left
+    to continue); anything else goes only when untouched for `_STALE_S` seconds (a file being
+    written keeps a fresh modification time)."""
+    found = _leftovers(dest)
+    stale = [p for p in found["stamp"] if _untouched_for(p, _STALE_S)]
+    stale += found["copy"] if locked else [p for p in found["copy"] if _untouched_for(p, _STALE_S)]
+    if locked and good_copy:
+        stale += found["partial"]
+    for path in stale:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _cached_fault(dest: Path, asset: Asset, full: bool) -> str | None:
+    """`_verify_cached` for a file another process may move aside meanwhile: a file that
+    vanishes while it is being looked at is reported `_MISSING`, not raised."""
+    try:
+        return _verify_cached(dest, asset, full) if dest.exists() else _MISSING
+    except FileNotFoundError:
+        return _MISSING
+
+
+def _move_aside(dest: Path) -> Path | None:
+    """Rename the damaged `dest` to the first free name of NAME.corrupt, NAME.corrupt.1, ...
+    (never over an earlier one; the caller holds the lock). None if it is gone already."""
+    for n in itertools.count():
+        aside = dest.with_name(f"{dest.name}.corrupt" + (f".{n}" if n else ""))
+        if aside.exists() or aside.is_symlink():
+            continue
+        try:
+            os.replace(dest, aside)  # kept for inspection rather than deleting anything
+        except FileNotFoundError:  # another process (without a lock) moved it first
+            return None
+        return aside
 
 
 def _mirror_dir(mirror: str | os.PathLike | None) -> Path | None:
@@ -195,11 +272,17 @@ def fetch(name: str, *, data_dir: str | os.PathLike | None = None,
     `verify=True` re-hashes a cached copy even if it passed before."""
     asset = get_asset(name)
     dest = Path(data_dir or default_data_dir()) / asset.filename
-    if dest.exists() and _verify_cached(dest, asset, full=verify) is None:
-        return dest  # the common case: no lock, no hashing
-    with _exclusive(dest):  # one process at a time fetches this file
-        return _fetch_locked(asset, dest, mirror, offline_mode() if offline is None else offline,
+    if _cached_fault(dest, asset, full=verify) is None:  # the common case: no lock, no hashing
+        if any(_leftovers(dest).values()):  # rare: tidy up, if nobody holds the lock now
+            with contextlib.suppress(OSError), _exclusive(dest, wait=False) as locked:
+                _clean_leftovers(dest, locked, good_copy=True)  # (a read-only cache: leave it)
+        return dest
+    with _exclusive(dest) as locked:  # one process at a time fetches this file
+        _clean_leftovers(dest, locked, good_copy=False)
+        path = _fetch_locked(asset, dest, mirror, offline_mode() if offline is None else offline,
                              progress, timeout, retries)
+        _clean_leftovers(dest, locked, good_copy=True)
+        return path
 
 
 def fetch_refusal(name: str) -> str | None:
@@ -220,15 +303,16 @@ def fetch_refusal(name: str) -> str | None:
 def _fetch_locked(asset: Asset, dest: Path, mirror, offline: bool, progress: bool,
                   timeout: float, retries: int) -> Path:
     looked: list[str] = []
-    if dest.exists():  # another process may have fetched it while this one waited
-        fault = _verify_cached(dest, asset, full=True)
-        if fault is None:
-            return dest
-        aside = dest.with_name(dest.name + ".corrupt")
-        os.replace(dest, aside)  # keep it for inspection rather than deleting anything
+    # looked at again under the lock: another process may have fetched it (or moved a
+    # damaged copy aside) while this one waited
+    fault = _cached_fault(dest, asset, full=True)
+    if fault is None:
+        return dest
+    aside = _move_aside(dest) if fault != _MISSING else None
+    if aside is not None:
         warnings.warn(f"The cached {shown_path(dest)} was damaged ({fault}); it was moved to "
-                      f"{aside.name} and a fresh copy is being fetched.", stacklevel=3)
-        looked.append(f"cache {dest}: damaged ({fault}), moved to {aside.name}")
+                      f"{shown_path(aside)} and a fresh copy is being fetched.", stacklevel=3)
+        looked.append(f"cache {dest}: damaged ({fault}), moved to {aside}")
     else:
         looked.append(f"cache {dest}: not there")
 
