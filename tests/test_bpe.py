@@ -333,3 +333,106 @@ def test_openai_encoding_from_the_mirror_where_it_has_the_file(monkeypatch, tmp_
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
     encoding = get_openai_encoding("cl100k_base")
     assert encoding.n_vocab == 100277 and encoding.encode("hello world") == [15339, 1917]
+
+
+# --- damaged files ----------------------------------------------------------------------------
+
+def test_damaged_gpt2_files_are_refused_naming_the_file_and_line(tmp_path, gpt2, reference):
+    """A cut-off vocab.bpe used to load and quietly give other tokens (11 instead of 7 here)."""
+    from utils.core.download import fetch
+    text = "Hello world, it's 2024!"
+    assert gpt2.encode(text) == reference.encode(text) and len(reference.encode(text)) == 7
+    encoder_json, lines = fetch("gpt2-encoder-json"), fetch("gpt2-vocab-bpe").read_text(
+        encoding="utf-8").split("\n")
+    damaged = {"cut.bpe": ("\n".join(lines[:1001]) + "\n", "line 1001: the file ends after 1,000"),
+               "empty.bpe": ("", "line 1: expected the header"),
+               "one_symbol.bpe": ("\n".join(lines[:5] + ["Ġ"] + lines[6:]), "line 6: expected two"),
+               "unknown.bpe": ("\n".join(lines[:3] + ["Ġ qqqzz"]), "line 4: 'qqqzz' is not a token")}
+    for name, (content, says) in damaged.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"{name}, {says}.*fetched again"):
+            load_gpt2_bpe(encoder_json, tmp_path / name)
+    (tmp_path / "cut.json").write_text(encoder_json.read_text(encoding="utf-8")[:5000])
+    with pytest.raises(ValueError, match="cut.json, line 1: not valid JSON.*fetched again"):
+        load_gpt2_bpe(tmp_path / "cut.json", fetch("gpt2-vocab-bpe"))
+
+
+def test_damaged_saved_tokenizer_is_refused_saying_what_is_wrong(tmp_path):
+    import json
+    path = save_bpe(BPETokenizer(train_bpe("low lower lowest " * 3, 262)), tmp_path / "tok.json")
+    good = json.loads(path.read_text())
+    a, b, new_id = good["merges"][0]
+    damaged = [("merges", [[a, b]], r"merges\[0\] is \[\d+, \d+\], not three IDs"),
+               ("merges", [[a, b, 255]], r"merges\[0\] = .*not the bytes of tokens"),
+               ("vocab", {k: v for k, v in good["vocab"].items() if k != str(new_id)},
+                r"merges\[0\] = .*not in 'vocab'"),
+               ("vocab", {k: v for k, v in good["vocab"].items() if k != "97"},
+                "1 of the 256 single bytes have no token"),
+               ("special_tokens", None, "'special_tokens' is missing")]
+    for key, value, says in damaged:
+        path.write_text(json.dumps({**good, key: value}))
+        with pytest.raises(ValueError, match=f"tok.json is damaged: {says}.*save_bpe"):
+            load_bpe(path)
+
+
+# --- long words, surrogates, argument types ---------------------------------------------------
+
+def test_long_words_encode_like_tiktoken_in_far_less_than_quadratic_time(gpt2, reference):
+    """The merge loop used to rescan the whole word after each merge: 4,000 letters took
+    seconds. A heap of pairs ranked by merge takes O(n log n), with tiktoken's tokens."""
+    import time
+    rng = random.Random(7)
+
+    def seconds_for(n_letters: int) -> float:
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n_letters))
+        start = time.perf_counter()
+        ids = gpt2.encode(word)  # a new word each time: never in the word cache
+        seconds = time.perf_counter() - start
+        assert ids == reference.encode_ordinary(word)
+        return seconds
+
+    assert seconds_for(8000) < 0.25  # the quadratic loop: several seconds
+    short, long = min(map(seconds_for, [1000] * 3)), min(map(seconds_for, [8000] * 3))
+    assert long < 25 * short  # 8 times the letters: about 10 times the time, not 64
+    mixed = ("Zürich " + "x" * 3000 + " 🙂\n\n  2024 " + "ab" * 700 + "!!" + "é" * 900 + " "
+             + "1234567890" * 50 + " the end.")
+    assert gpt2.encode(mixed) == reference.encode_ordinary(mixed)
+
+
+def test_apply_merges_gives_the_tokens_of_the_naive_loop():
+    """Random words over a few IDs and random merges, including ranks that a trainer would
+    never produce (a merge ranked before the merges of its own tokens)."""
+    from utils.bpe import apply_merges, apply_merges_naive
+    rng = random.Random(11)
+    for _ in range(1500):
+        ranks = rng.sample(range(4, 60), rng.randint(0, 12))
+        merges = {(rng.randrange(4 + k), rng.randrange(4 + k)): rank for k, rank in enumerate(ranks)}
+        ids = [rng.randrange(4) for _ in range(rng.randint(0, 16))]
+        assert apply_merges(ids, merges) == apply_merges_naive(ids, merges), (ids, merges)
+
+
+def test_lone_surrogates_become_the_replacement_character_like_tiktoken(gpt2, reference):
+    for text in ["\ud800", "a\udfffb", "a\ud83d\ude42b", f"x\udfff{EOT}\ud800 y"]:
+        assert gpt2.encode(text) == gpt2.encode_ordinary(text) == reference.encode_ordinary(text)
+        assert gpt2.encode(text, allowed_special="all") == \
+            reference.encode(text, allowed_special="all")
+    assert gpt2.decode(gpt2.encode("a\ud800b")) == "a\ufffdb"
+
+
+def test_special_token_arguments_must_be_a_set_or_all(gpt2):
+    text = f"the end.{EOT}"
+    for argument in ["allowed_special", "disallowed_special"]:
+        for wrong in [EOT, None, 50256, [EOT, 50256]]:
+            with pytest.raises(TypeError, match=argument + r'.*"all" or a set.*\{"<\|endoftext'):
+                gpt2.encode(text, **{argument: wrong})
+    for allowed in [[EOT], (EOT,), frozenset({EOT}), {EOT: 1}]:  # any collection of strings
+        assert gpt2.encode(text, allowed_special=allowed)[-1] == 50256
+
+
+@pytest.mark.parametrize("trainer", [train_bpe, train_bpe_naive])
+def test_vocab_size_must_be_an_int(trainer):
+    import numpy as np
+    for wrong in [260.5, "300", True, 300.0, None]:
+        with pytest.raises(TypeError, match="vocab_size must be an int of at least 256"):
+            trainer("low lower", wrong)
+    assert len(trainer("low lower", np.int64(258))) == 2

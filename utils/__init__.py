@@ -7,8 +7,9 @@ written from their notebook's `#| export` cells; hand-written ones say so:
 - `utils.text` (notebooks/02_text_data.ipynb): SimpleTokenizerV1, SimpleTokenizerV2,
   get_gpt2_tokenizer, GPTDatasetV1, create_dataloader_v1
 - `utils.bpe` (notebooks/02b_bpe_from_scratch.ipynb): GPT2_SPLIT_PATTERN, count_words,
-  count_pairs, merge_pair, train_bpe_naive, BPETokenizer, bytes_to_unicode, load_gpt2_bpe,
-  train_bpe, BPE_FILE_FORMAT, save_bpe, load_bpe, OPENAI_ENCODINGS, get_openai_encoding
+  count_pairs, merge_pair, train_bpe_naive, apply_merges_naive, apply_merges, BPETokenizer,
+  bytes_to_unicode, load_gpt2_bpe, train_bpe, BPE_FILE_FORMAT, save_bpe, load_bpe,
+  OPENAI_ENCODINGS, get_openai_encoding
 - `utils.attention` (notebooks/03_attention.ipynb): check_context_length, CausalAttention,
   MultiHeadAttention
 - `utils.model` (notebooks/04_gpt_model.ipynb): GPTConfig, GPT2_SMALL_124M,
