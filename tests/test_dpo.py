@@ -114,13 +114,45 @@ def test_collate_masks_prompt_and_padding_and_keeps_one_end_token():
                                 [-100, -100, 6, PAD, -100], [-100, 12, 13, PAD, -100]]
 
 
-def test_collate_truncates_to_the_context_even_past_the_prompt():
+def test_collate_truncates_into_the_response_but_refuses_a_response_cut_off_entirely():
     inputs, targets = preference_collate_fn([item(list(range(10)), [20, 21], [22])],
-                                            allowed_max_length=6)
-    assert inputs.shape == targets.shape == (2, 6)
-    assert (targets == -100).all()  # every response token lies beyond the context
-    logprobs = response_logprobs(torch.randn(2, 6, PAD + 1), targets)
+                                            allowed_max_length=10)
+    assert inputs.shape == targets.shape == (2, 10)
+    assert targets[:, -1].tolist() == [20, 22]  # one response token left in each row
+    # a prompt longer than the context leaves nothing to score: refused, naming the entry
+    entries = [{"instruction": "Hi.", "chosen": "Yes.", "rejected": "No."},
+               {"instruction": "x" * 50, "chosen": "Yes.", "rejected": "No."}]
+    dataset = PreferenceDataset(entries, CharTokenizer())
+    context = dataset[0]["prompt_length"] + 5  # entry 0 fits, entry 1's prompt does not
+    with pytest.raises(ValueError, match=rf"entry 1: its prompt has \d+ tokens, so "
+                                         rf"allowed_max_length={context} cuts off .*raise "
+                                         rf"allowed_max_length .*or shorten"):
+        preference_collate_fn([dataset[0], dataset[1]], allowed_max_length=context)
+    preference_collate_fn([dataset[0]], allowed_max_length=context)  # entry 0 alone fits
+    with pytest.raises(ValueError, match="pair 0 of the batch"):  # items made by hand
+        preference_collate_fn([item(list(range(10)), [20, 21], [22])], allowed_max_length=6)
+    # a response with nothing left but its end token is still scored on ending
+    assert (preference_collate_fn([item(list(range(10)), [20], [22])],
+                                  allowed_max_length=10)[1][:, -1] == 20).any()
+
+
+def test_response_logprobs_of_a_row_without_targets_is_0():
+    logprobs = response_logprobs(torch.randn(2, 6, PAD + 1), torch.full((2, 6), -100))
     assert logprobs.tolist() == [0.0, 0.0]  # nothing to score: no NaN, no crash
+
+
+def test_dataset_names_the_entry_and_the_keys_it_lacks():
+    good = {"instruction": "Say hi.", "input": "", "chosen": "Hello!", "rejected": "What."}
+    no_input = {k: v for k, v in good.items() if k != "input"}  # "input" is optional
+    assert len(PreferenceDataset([good, no_input], CharTokenizer())) == 2
+    lacking = {"instruction": "Say hi.", "chosen": "Hello!"}
+    with pytest.raises(ValueError, match=r"entry 2 of the preference data lacks \['rejected'\]"
+                                         r".*'instruction', 'chosen', 'rejected'.*'input'"):
+        PreferenceDataset([good, no_input, lacking], CharTokenizer())
+    with pytest.raises(ValueError, match=r"entry 0: 'chosen' must be a text \(str\), got int"):
+        PreferenceDataset([{**good, "chosen": 3}], CharTokenizer())
+    with pytest.raises(ValueError, match="entry 0 .* is a str"):
+        PreferenceDataset(["Say hi."], CharTokenizer())
 
 
 def logprobs_of(model, batch, pad_token_id=PAD):
@@ -238,6 +270,52 @@ def test_a_reference_that_shares_the_policys_weights_is_refused():
     with pytest.raises(ValueError, match="shares parameters"):
         train_model_dpo_simple(policy, policy, loader, loader, optimizer, "cpu", num_epochs=1,
                                beta=0.1, eval_freq=1, eval_iter=1, verbose=False)
+
+
+class CountingOptimizer:
+    """Counts the optimizer steps a training loop takes."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def zero_grad(self):
+        pass
+
+    def step(self):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("beta", [-1.0, 0, 0.0, float("nan"), float("inf"), True, "0.1"])
+def test_a_beta_that_is_not_a_finite_number_above_0_is_refused(beta):
+    ref = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta must be a finite number above 0.*beta=0.1"):
+        dpo_loss(torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.0]), ref, ref, beta)
+    model = BigramModel()
+    inputs, targets = preference_collate_fn(TOY_BATCH, pad_token_id=SMALL_PAD)
+    with pytest.raises(ValueError, match="beta must be a finite number above 0"):
+        dpo_loss_batch(model, frozen_reference(model), inputs, targets, beta=beta)
+    optimizer = CountingOptimizer()
+    with pytest.raises(ValueError, match="beta must be a finite number above 0"):
+        train_model_dpo_simple(model, frozen_reference(model), [(inputs, targets)], [],
+                               optimizer, "cpu", num_epochs=1, beta=beta, eval_freq=1,
+                               eval_iter=1, verbose=False)
+    assert optimizer.steps == 0
+
+
+@pytest.mark.parametrize("name, value", [("eval_freq", 0), ("eval_freq", True),
+                                         ("eval_freq", 2.0), ("eval_iter", 0),
+                                         ("eval_iter", None), ("num_epochs", 0),
+                                         ("num_epochs", -1), ("num_epochs", False)])
+def test_training_checks_its_counts_before_the_first_step(name, value):
+    model = BigramModel()
+    loader = [preference_collate_fn(TOY_BATCH, pad_token_id=SMALL_PAD)]
+    optimizer = CountingOptimizer()
+    settings = {"num_epochs": 1, "eval_freq": 1, "eval_iter": 1, name: value}
+    with pytest.raises(ValueError, match=rf"{name} must be a whole number of at least 1, "
+                                         rf"got {value!r}; pass e.g. {name}=5"):
+        train_model_dpo_simple(model, frozen_reference(model), loader, loader, optimizer,
+                               "cpu", beta=0.1, verbose=False, **settings)
+    assert optimizer.steps == 0  # refused before any training step
 
 
 def test_logprob_margins_count_the_pairs_the_model_prefers():

@@ -285,6 +285,47 @@ def test_configs_and_modules_refuse_what_cannot_work():
         model(torch.zeros(1, 4))
 
 
+@pytest.mark.parametrize("change", [{"rope_base": 0.0}, {"rope_base": -500_000.0},
+                                    {"rope_base": float("nan")}, {"rope_base": float("inf")},
+                                    {"norm_eps": -1e-5}, {"norm_eps": 0.0}])
+def test_config_refuses_a_rope_base_or_norm_eps_that_is_not_a_positive_number(change):
+    [(name, value)] = change.items()
+    with pytest.raises(ValueError, match=rf"LlamaConfig.{name} must be a finite number above "
+                                         rf"0, got {value!r}; .*uses"):
+        dataclasses.replace(LLAMA_TINY, **change)
+
+
+def test_rope_scaling_refuses_factors_that_would_give_nan_or_nonsense():
+    for change, word in [({"factor": 0.0}, "factor must be a finite number above 0"),
+                         ({"factor": -4.0}, "factor must be"),
+                         ({"low_freq_factor": 0.0}, "low_freq_factor must be"),
+                         ({"high_freq_factor": float("nan")}, "high_freq_factor must be"),
+                         ({"low_freq_factor": 4.0, "high_freq_factor": 4.0},
+                          r"high_freq_factor \(4.0\) must be larger than low_freq_factor"),
+                         ({"original_context_length": 0}, "original_context_length must be"),
+                         ({"original_context_length": True}, "original_context_length .*not True")]:
+        with pytest.raises(ValueError, match=f"RopeScaling.{word}"):
+            RopeScaling(**change)
+    published = json.loads(PUBLISHED_CONFIGS["llama-3.2-1b-config"])
+    with pytest.raises(ValueError, match="RopeScaling.factor must be"):  # not NaN logits
+        config_from_hf({**published, "rope_scaling": {**published["rope_scaling"],
+                                                      "factor": 0.0}})
+    with pytest.raises(ValueError, match="rope_scaling must be a RopeScaling or None"):
+        dataclasses.replace(LLAMA_TINY, rope_scaling={"factor": 4.0})
+
+
+@pytest.mark.parametrize("name", ["vocab_size", "context_length", "emb_dim", "n_heads",
+                                  "n_kv_groups", "n_layers", "hidden_dim", "head_dim"])
+def test_config_counts_refuse_booleans_and_fractions(name):
+    for value in [True, False, 2.0]:
+        with pytest.raises(ValueError, match=rf"LlamaConfig.{name} must be a positive "
+                                             rf"integer \(a whole number, not True or False\), "
+                                             rf"got {value!r}"):
+            dataclasses.replace(LLAMA_TINY, **{name: value})
+    with pytest.raises(ValueError, match="qk_norm must be True or False, got 'yes'"):
+        dataclasses.replace(LLAMA_TINY, qk_norm="yes")
+
+
 def test_config_from_hf_refuses_what_llama_model_does_not_implement():
     published = json.loads(PUBLISHED_CONFIGS["llama-3.2-1b-config"])
     for change, word in [({"attention_bias": True}, "attention_bias"),
@@ -443,6 +484,57 @@ def test_loading_a_checkpoint_in_the_published_format(monkeypatch, tmp_path, no_
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(bf16(idx).float()).all()
+
+
+def write_sharded_checkpoint(folder: Path, cfg: LlamaConfig) -> Path:
+    """config.json and model.safetensors in `folder`, and a copy of the same tensors in
+    `folder`/sharded as the Hub stores a large model: two shards and the index listing them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = random_hf_model(cfg, seed=5)
+    model.config.save_pretrained(folder)  # config.json
+    tensors = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    sharded = folder / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_bytes((folder / "config.json").read_bytes())
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate([names[::2], names[1::2]], start=1):
+        shard = f"model-0000{i}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, sharded / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return sharded
+
+
+def test_a_sharded_checkpoint_loads_as_the_single_file_does(tmp_path):
+    cfg = CONFIGS["llama"]
+    sharded = write_sharded_checkpoint(tmp_path / "single", cfg)
+    assert not (sharded / "model.safetensors").exists()
+    single, _ = load_llama_checkpoint(tmp_path / "single")
+    from_shards, tokenizer = load_llama_checkpoint(sharded)
+    assert from_shards.cfg == single.cfg == cfg and tokenizer is None
+    ours, theirs = single.state_dict(), from_shards.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert from_shards.out_head.weight is from_shards.tok_emb.weight
+
+
+def test_a_checkpoint_folder_without_its_weights_names_what_is_missing(tmp_path):
+    sharded = write_sharded_checkpoint(tmp_path / "single", CONFIGS["qwen3"])
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"sharded lacks 1 of the 2 shards that "
+                                                r"model.safetensors.index.json lists: "
+                                                r"model-00002-of-00002.safetensors; download"):
+        load_llama_checkpoint(sharded)
+    (sharded / "model.safetensors.index.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"sharded holds neither model.safetensors nor "
+                                                r"model.safetensors.index.json"):
+        load_llama_checkpoint(sharded)
+    with pytest.raises(FileNotFoundError, match="empty has no config.json"):
+        load_llama_checkpoint(tmp_path / "empty")
 
 
 def test_offline_without_the_files_says_what_to_do(monkeypatch, tmp_path, no_network):

@@ -16,6 +16,8 @@ __all__ = ["response_logprobs", "PreferenceDataset", "preference_collate_fn", "p
 
 
 import copy
+import math
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -41,20 +43,43 @@ def response_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     return total / num_tokens
 
 
+_PREFERENCE_KEYS = ("instruction", "chosen", "rejected")  # and optionally "input"
+
+
+def _check_entry(index: int, entry) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {index} of the preference data is a {type(entry).__name__}; "
+                         f"each entry must be a dict with the texts {_PREFERENCE_KEYS} "
+                         f"(and optionally 'input')")
+    missing = [key for key in _PREFERENCE_KEYS if key not in entry]
+    if missing:
+        raise ValueError(f"entry {index} of the preference data lacks {missing}: each entry "
+                         f"needs the texts {_PREFERENCE_KEYS} (and optionally 'input'); it "
+                         f"has {sorted(entry)}")
+    for key in _PREFERENCE_KEYS + ("input",):
+        if key in entry and not isinstance(entry[key], str) and \
+                not (key == "input" and entry[key] is None):
+            raise ValueError(f"entry {index}: {key!r} must be a text (str), got "
+                             f"{type(entry[key]).__name__}")
+
+
 class PreferenceDataset(Dataset):
-    """Token IDs of each entry's prompt + chosen and prompt + rejected response, and the
-    length of the prompt (where the responses start)."""
+    """Token IDs of each entry's prompt + chosen and prompt + rejected response, the length
+    of the prompt (where the responses start) and the entry's index. Every entry needs the
+    texts "instruction", "chosen" and "rejected"; "input" is optional."""
 
     def __init__(self, data: list, tokenizer):
         self.data = data
         self.encoded = []
-        for entry in data:  # disallowed_special=(): "<|endoftext|>" in an entry is just text
+        for index, entry in enumerate(data):
+            _check_entry(index, entry)
+            # disallowed_special=(): "<|endoftext|>" in an entry is just text
             prompt = tokenizer.encode(format_input(entry) + RESPONSE_HEADER,
                                       disallowed_special=())
             chosen = tokenizer.encode(entry["chosen"], disallowed_special=())
             rejected = tokenizer.encode(entry["rejected"], disallowed_special=())
             self.encoded.append({"prompt_length": len(prompt), "chosen": prompt + chosen,
-                                 "rejected": prompt + rejected})
+                                 "rejected": prompt + rejected, "index": index})
 
     def __getitem__(self, index) -> dict:
         return self.encoded[index]
@@ -67,13 +92,27 @@ def preference_collate_fn(batch, pad_token_id: int = 50256, ignore_index: int = 
                           allowed_max_length: int | None = None, device="cpu"):
     """B preference pairs as one batch of 2B sequences, chosen first, then rejected: inputs
     and targets (2B, T) as chapter 7's collate makes them (padded, shifted, truncated to
-    `allowed_max_length`), with the prompt's targets also masked with `ignore_index`."""
+    `allowed_max_length`), with the prompt's targets also masked with `ignore_index`.
+    A pair whose response `allowed_max_length` cuts off entirely is refused: it would have
+    nothing to score."""
     sequences = [item["chosen"] for item in batch] + [item["rejected"] for item in batch]
     inputs, targets = custom_collate_fn(sequences, pad_token_id, ignore_index,
                                         allowed_max_length, device)
     for row, item in enumerate(batch + batch):
         # target t is token t + 1, so the first response token is target prompt_length - 1
         targets[row, :item["prompt_length"] - 1] = ignore_index
+    scored = (targets != ignore_index).any(dim=1)  # (2B,): any response token left?
+    if not scored.all():
+        row = torch.nonzero(~scored)[0].item()  # the first row with nothing to score
+        pair = row % len(batch)  # rows 0..B-1 are the chosen responses, B..2B-1 the rejected
+        item = batch[pair]
+        entry = f"entry {item['index']}" if "index" in item else f"pair {pair} of the batch"
+        response = "chosen" if row < len(batch) else "rejected"
+        raise ValueError(f"{entry}: its prompt has {item['prompt_length']} tokens, so "
+                         f"allowed_max_length={allowed_max_length} cuts off its whole "
+                         f"{response} response and the pair would teach nothing; raise "
+                         f"allowed_max_length (up to the model's context length) or shorten "
+                         f"that entry's prompt")
     return inputs, targets  # (2B, T) each
 
 
@@ -85,11 +124,21 @@ def pair_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor,
     return response_logprobs(logits, targets, average=average).chunk(2)
 
 
+def _check_beta(beta) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta) \
+            or beta <= 0:
+        raise ValueError(f"beta must be a finite number above 0, got {beta!r}: a negative "
+                         f"beta trains towards the rejected responses and 0 gives no "
+                         f"gradient; pass e.g. beta=0.1 (as the book does)")
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
              beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO loss (Rafailov et al., 2023, eq. 7) averaged over the B pairs, and each pair's
-    implicit rewards beta * log(pi / pi_ref) of its chosen and its rejected response (B,)."""
+    implicit rewards beta * log(pi / pi_ref) of its chosen and its rejected response (B,).
+    `beta` must be a finite number above 0."""
+    _check_beta(beta)
     chosen_rewards = beta * (policy_chosen - reference_chosen)  # (B,)
     rejected_rewards = beta * (policy_rejected - reference_rejected)  # (B,)
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()  # -log sigmoid(margin)
@@ -101,10 +150,17 @@ def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}; "
+                         f"pass e.g. {name}=5")
+
+
 def dpo_loss_batch(policy, reference, inputs: torch.Tensor, targets: torch.Tensor,
                    beta: float = 0.1, device="cpu"):
     """DPO loss and per-pair rewards (chosen, rejected) of one (2B, T) preference batch. The
     reference runs without gradients, so only the policy learns."""
+    _check_beta(beta)  # before the two forward passes
     inputs, targets = inputs.to(device), targets.to(device)
     policy_chosen, policy_rejected = pair_logprobs(policy, inputs, targets)
     with torch.no_grad():
@@ -116,6 +172,9 @@ def evaluate_dpo_loader(policy, reference, data_loader, beta: float = 0.1, devic
                         num_batches: int | None = None) -> dict:
     """Mean DPO loss, chosen and rejected reward, and reward margin over the first
     `num_batches` batches (all if None), in eval mode and without gradients."""
+    _check_beta(beta)
+    if num_batches is not None:
+        _check_count("num_batches", num_batches)
     was_training = policy.training
     policy.eval()
     sums = {"loss": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0}
@@ -166,8 +225,13 @@ def train_model_dpo_simple(policy, reference, train_loader, val_loader, optimize
     """Train `policy` with DPO against the frozen `reference`; every `eval_freq` steps
     evaluate both loaders over `eval_iter` batches. Returns chapter 5's history: a record per
     evaluation with the step and the train/val loss, margin, chosen and rejected rewards
-    (`history["val_margin"]` lists one of them over the run)."""
+    (`history["val_margin"]` lists one of them over the run). `num_epochs`, `eval_freq` and
+    `eval_iter` are whole numbers of at least 1, `beta` a number above 0."""
     _check_separate(policy, reference)
+    _check_beta(beta)
+    for name, value in (("num_epochs", num_epochs), ("eval_freq", eval_freq),
+                        ("eval_iter", eval_iter)):
+        _check_count(name, value)  # all before the first step, not after it
     reference.eval()
     history = TrainingHistory(DPO_LOG, verbose, unpack=("train_loss", "val_loss"))
     step = -1

@@ -19,7 +19,9 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -32,6 +34,18 @@ from utils.core.messages import unknown_name
 from utils.fast import CachedModel, KVCache
 
 
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (a whole number, not True or "
+                         f"False), got {value!r}")
+
+
+def _check_positive(name: str, value, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{name} must be a finite number above 0, got {value!r}; {example}")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3's stretch of RoPE's slow frequencies for long contexts ("llama3" in Hugging
@@ -41,6 +55,19 @@ class RopeScaling:
     low_freq_factor: float = 1.0  # wavelengths over original_context_length / this: full factor
     high_freq_factor: float = 4.0  # wavelengths under original_context_length / this: unchanged
     original_context_length: int = 8192  # the context the model was pretrained with
+
+    def __post_init__(self):
+        _check_positive("RopeScaling.factor", self.factor,
+                        "Llama 3.2 uses 32.0, and 1.0 leaves every speed unchanged")
+        for name in ("low_freq_factor", "high_freq_factor"):
+            _check_positive(f"RopeScaling.{name}", getattr(self, name),
+                            "Llama 3 uses low_freq_factor=1.0, high_freq_factor=4.0")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"RopeScaling.high_freq_factor ({self.high_freq_factor}) must be "
+                             f"larger than low_freq_factor ({self.low_freq_factor}): between "
+                             f"the wavelengths they mark the speeds blend from scaled to "
+                             f"unchanged; Llama 3 uses 1.0 and 4.0")
+        _check_count("RopeScaling.original_context_length", self.original_context_length)
 
 
 @dataclass(frozen=True)
@@ -64,9 +91,18 @@ class LlamaConfig:
     def __post_init__(self):
         for name in ["vocab_size", "context_length", "emb_dim", "n_heads", "n_kv_groups",
                      "n_layers", "hidden_dim", "head_dim"]:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+            _check_count(f"LlamaConfig.{name}", getattr(self, name))
+        _check_positive("LlamaConfig.rope_base", self.rope_base,
+                        "Llama 3 uses 500000.0 and Qwen3 1000000.0")
+        _check_positive("LlamaConfig.norm_eps", self.norm_eps,
+                        "Llama 3 uses 1e-5 and Qwen3 1e-6")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"LlamaConfig.rope_scaling must be a RopeScaling or None (plain "
+                             f"RoPE), got {self.rope_scaling!r}")
+        for name in ["qk_norm", "tie_embeddings"]:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LlamaConfig.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
         if self.n_heads % self.n_kv_groups:
             raise ValueError(f"LlamaConfig.n_heads ({self.n_heads}) must be divisible by "
                              f"n_kv_groups ({self.n_kv_groups}): every key-value head serves "
@@ -341,14 +377,20 @@ def _hf_names(cfg: LlamaConfig) -> dict[str, str]:
 
 
 class _SafetensorsTensors(Mapping):
-    """The tensors of an open safetensors file, each read only when asked for."""
+    """The tensors of one or more open safetensors files (the shards of a large checkpoint),
+    each read only when asked for."""
 
-    def __init__(self, handle):
-        self.handle = handle
-        self.shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    def __init__(self, *handles):
+        self.files, self.shapes = {}, {}  # tensor name -> the open file holding it, its shape
+        for handle in handles:
+            for name in handle.keys():
+                if name in self.files:
+                    raise ValueError(f"the tensor {name!r} is stored in two of the shards")
+                self.files[name] = handle
+                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.handle.get_tensor(name)
+        return self.files[name].get_tensor(name)
 
     def __iter__(self):
         return iter(self.shapes)
@@ -457,15 +499,48 @@ def _empty_llama(cfg: LlamaConfig, dtype: torch.dtype, device) -> LlamaModel:
     return model
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: model.safetensors or, for a checkpoint
+    the Hub splits into shards, every file its model.safetensors.index.json lists."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{folder} holds neither model.safetensors nor model.safetensors.index.json (the "
+            f"list of a sharded checkpoint's model-0000k-of-0000n.safetensors files): put the "
+            f"checkpoint's weights into that folder as the Hub has them")
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(s, str) and s == Path(s).name for s in weight_map.values()):
+        raise ValueError(f"{index} has no usable weight_map (tensor name -> the name of a "
+                         f"shard file next to it); download it again from the Hub")
+    shards = sorted(set(weight_map.values()))
+    missing = [shard for shard in shards if not (folder / shard).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} lacks {len(missing)} of the {len(shards)} shards that "
+            f"model.safetensors.index.json lists: {', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}; download every shard into that folder")
+    return [folder / shard for shard in shards]
+
+
 def load_llama_checkpoint(folder, dtype: torch.dtype = torch.float32,
                           device="cpu") -> tuple[LlamaModel, HubTokenizer | None]:
     """(model in eval mode, tokenizer) from a folder laid out as on the Hugging Face Hub:
-    config.json, model.safetensors and, if present, tokenizer.json (else no tokenizer)."""
+    config.json, the weights (model.safetensors, or the shards that
+    model.safetensors.index.json lists) and, if present, tokenizer.json (else no tokenizer)."""
     folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: a checkpoint folder needs the "
+                                f"model's config.json next to its weights")
     hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    weight_files = _weight_files(folder)  # before the model takes any memory
     model = _empty_llama(config_from_hf(hf_config), dtype, device)
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-        load_hf_weights_into_llama(model, _SafetensorsTensors(handle))
+    with ExitStack() as files:  # every shard stays open until its tensors are copied
+        handles = [files.enter_context(safe_open(str(path), framework="pt"))
+                   for path in weight_files]
+        load_hf_weights_into_llama(model, _SafetensorsTensors(*handles))
     tokenizer_path = folder / "tokenizer.json"
     tokenizer = HubTokenizer(tokenizer_path, hf_config["model_type"]) \
         if tokenizer_path.is_file() else None
