@@ -51,6 +51,7 @@ from utils.cli.speed_paths import (GEN_BASELINE, MODELS, PROMPT, TRAIN_BASELINE,
                                    PathGenerator, PathSettings, PathTrainer, TrainPath,
                                    flops_per_token, matmul_dtypes, matmul_seconds,
                                    resolve_settings, select_gen_paths, select_train_paths)
+from utils.core.device import get_device, unavailable_reason
 from utils.core.timing import (cuda_peak_bytes, describe_machine, paired_rounds, rate_table,
                                reset_cuda_peak, run_in_fresh_process, save_results, spread)
 from utils.fast import bf16_supported, keep_freed_memory
@@ -419,7 +420,6 @@ class _UsageError(Exception):
 def _check_device(wanted: str | None) -> str:
     """The device to run on, checked to exist here: `wanted`, else the best one found."""
     if wanted is None:
-        from utils.core.device import get_device
         try:
             return str(get_device(verbose=False))
         except RuntimeError as exc:  # $LLM_COURSE_DEVICE names one that is not here
@@ -429,22 +429,17 @@ def _check_device(wanted: str | None) -> str:
     except RuntimeError as exc:
         raise _UsageError(f"--device {wanted} is not a device name; pass cpu, cuda, cuda:N or "
                           f"mps") from exc
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise _UsageError(f"--device {wanted}, but PyTorch sees no CUDA GPU here; pass "
-                              f"--device cpu, or leave --device out to use the best one found")
-        if device.index is not None and device.index >= count:
-            raise _UsageError(f"--device {wanted}, but this machine has {count} CUDA GPU(s); "
-                              f"pass --device cuda:0 to cuda:{count - 1}")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if not (mps is not None and mps.is_available()):
-            raise _UsageError(f"--device {wanted}, but MPS is not available here; pass "
-                              f"--device cpu, or leave --device out to use the best one found")
-    elif device.type != "cpu":
+    if device.type not in ("cpu", "cuda", "mps"):
         raise _UsageError(f"--device {wanted}: the benchmark runs on cpu, cuda or mps; pass "
                           f"one of those")
+    reason = unavailable_reason(device)
+    if reason:
+        raise _UsageError(f"--device {wanted}, but {reason}; pass --device cpu, or leave "
+                          f"--device out to use the best one found")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count > 0:
+        raise _UsageError(f"--device {wanted}, but this machine has {count} CUDA GPU(s); "
+                          f"pass --device cuda:0 to cuda:{count - 1}")
     return wanted
 
 

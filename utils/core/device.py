@@ -12,7 +12,7 @@ import platform
 
 import torch
 
-__all__ = ["get_device", "describe_device", "ENV_DEVICE"]
+__all__ = ["get_device", "describe_device", "unavailable_reason", "ENV_DEVICE"]
 
 ENV_DEVICE = "LLM_COURSE_DEVICE"
 
@@ -20,6 +20,15 @@ ENV_DEVICE = "LLM_COURSE_DEVICE"
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why `device` cannot be used on this machine (None: it can), for an error message."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "PyTorch sees no CUDA GPU here"
+    if device.type == "mps" and not _mps_available():
+        return "MPS is not available here"
+    return None
 
 
 def describe_device(device: torch.device) -> str:
@@ -38,12 +47,10 @@ def get_device(verbose: bool = True) -> torch.device:
     wanted = os.environ.get(ENV_DEVICE, "").strip()
     if wanted:
         device = torch.device(wanted)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"{ENV_DEVICE}={wanted} but PyTorch sees no CUDA GPU here; "
-                               f"unset {ENV_DEVICE} to choose automatically.")
-        if device.type == "mps" and not _mps_available():
-            raise RuntimeError(f"{ENV_DEVICE}={wanted} but MPS is not available here; "
-                               f"unset {ENV_DEVICE} to choose automatically.")
+        reason = unavailable_reason(device)
+        if reason:
+            raise RuntimeError(f"{ENV_DEVICE}={wanted} but {reason}; unset {ENV_DEVICE} to "
+                               f"choose automatically.")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     elif _mps_available():
