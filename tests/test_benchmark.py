@@ -274,7 +274,7 @@ def test_retrain_compares_the_records_not_the_printed_log(short_story, one_threa
     monkeypatch.setattr(retrain_chapter5, "run_in_fresh_process",
                         lambda fn, *args: (fn(*args), peak_rss_bytes()))
     out = tmp_path / "chapter5.json"
-    retrain_chapter5.main(["--quick", "--context", "32", "--bf16", "off", "--device", "cpu",
+    retrain_chapter5.main(["--quick", "--context", "32", "--precision", "fp32", "--device", "cpu",
                            "--data", short_story, "--json", str(out)])
     r, printed = json.loads(out.read_text()), capsys.readouterr().out
     assert "Train loss" not in printed and "a new format" in printed  # the log line changed ...

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from utils.attention import MultiHeadAttention
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.fast import (BF16Linear, CachedGPT, CachedModel, FastGELU, FastLayerNorm, KVCache,
-                        SDPAttention, autocast_bf16, bf16_inference_model, bf16_supported,
-                        compile_model, fast_loss_batch, forward_with_cache, fused_adamw,
+                        Precision, SDPAttention, autocast_bf16, bf16_inference_model,
+                        bf16_supported, choose_precision, compile_model, fast_loss_batch, forward_with_cache, fused_adamw,
                         fused_cross_entropy, set_impl, train_model_fast)
 from utils.generation import generate
 from utils.model import GPT_TINY, GPTModel, generate_text_simple
@@ -340,14 +340,63 @@ def test_bf16_on_cuda_only_from_compute_capability_8(monkeypatch, capability, na
     assert bf16_supported("cuda:0") is native
 
 
-def test_bf16_on_cpu_follows_onednn_and_mps_is_native(monkeypatch):
+def test_bf16_on_cpu_follows_onednn_and_on_mps_the_macos_version(monkeypatch):
     import utils.core.onednn as onednn
     for answer in (True, False):
         monkeypatch.setattr(onednn, "_mkldnn_op", lambda name, answer=answer: lambda: answer)
         assert onednn.cpu_has_native_bf16() is answer
         monkeypatch.setattr("utils.fast.cpu_has_native_bf16", lambda answer=answer: answer)
         assert bf16_supported("cpu") is answer
-    assert bf16_supported("mps") is True
+    for macos_14 in (True, False):  # before macOS 14 an Apple GPU refuses bfloat16 tensors
+        monkeypatch.setattr("utils.fast._mps_has_bf16", lambda device, ok=macos_14: ok)
+        assert bf16_supported("mps") is macos_14
+
+
+def _fake_cuda(monkeypatch, capability, name="a GPU"):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize("name, capability, chosen", [
+    ("NVIDIA H100", (9, 0), "bf16"), ("NVIDIA A100", (8, 0), "bf16"), ("NVIDIA L4", (8, 9), "bf16"),
+    ("Tesla T4", (7, 5), "fp16"), ("Tesla V100", (7, 0), "fp16"), ("Tesla P100", (6, 0), "fp16"),
+    ("GeForce GTX 1080", (6, 1), "fp32"), ("Tesla K80", (3, 7), "fp32")])
+def test_precision_on_cuda_follows_the_compute_capability(monkeypatch, name, capability, chosen):
+    """Colab's T4 and Kaggle's P100 train in float16 with loss scaling, Ampere and later in
+    bfloat16, Pascal gaming cards (slow float16) and older in float32 (queries faked)."""
+    _fake_cuda(monkeypatch, capability, name)
+    precision = choose_precision("cuda")
+    assert precision.name == chosen and precision.loss_scaling is (chosen == "fp16")
+    assert name in precision.reason and f"{capability[0]}.{capability[1]}" in precision.reason
+    assert precision.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16,
+                               "fp32": torch.float32}[chosen]
+    assert precision.grad_scaler("cpu").is_enabled() is (chosen == "fp16")
+
+
+def test_precision_on_amd_gpus_cpus_and_macs(monkeypatch):
+    _fake_cuda(monkeypatch, (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: bfloat16 native, never float16 here
+    assert choose_precision("cuda").name == "bf16"
+    for native, chosen in ((True, "bf16"), (False, "fp32")):  # AVX512-BF16/AMX, or AVX2 only
+        monkeypatch.setattr("utils.fast.cpu_has_native_bf16", lambda native=native: native)
+        assert choose_precision("cpu").name == chosen
+        monkeypatch.setattr("utils.fast._mps_has_bf16", lambda device, native=native: native)
+        assert choose_precision("mps").name == chosen  # macOS 14 or later, or older
+
+
+def test_precision_by_hand_says_when_it_is_emulated_and_prints_one_line(monkeypatch, capsys):
+    _fake_cuda(monkeypatch, (7, 5), "Tesla T4")
+    forced = choose_precision("cuda", "bf16", verbose=True)
+    assert forced.name == "bf16" and "emulated on Tesla T4" in forced.reason
+    assert capsys.readouterr().out == f"precision: bfloat16 autocast ({forced.reason})\n"
+    assert "emulated" not in choose_precision("cuda", "fp16").reason
+    assert choose_precision("cuda", "fp32").reason == "as asked"
+    with pytest.raises(ValueError, match="pass 'auto', 'bf16', 'fp16' or 'fp32'"):
+        choose_precision("cpu", "float16")
+    with pytest.raises(ValueError, match="not one of"):
+        Precision("half")
 
 
 def test_onednn_helpers_fall_back_where_the_private_operators_are_missing(monkeypatch):
@@ -441,7 +490,7 @@ def test_bf16_greedy_generation_agrees_with_float32_where_the_margin_is_clear():
 
 # --- the fused cross-entropy ------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,chunk_rows", [(50, 16), (7, 32), (64, 64)])
 def test_fused_cross_entropy_equals_f_cross_entropy(dtype, rows, chunk_rows):
     torch.manual_seed(rows)
@@ -456,12 +505,27 @@ def test_fused_cross_entropy_equals_f_cross_entropy(dtype, rows, chunk_rows):
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
     assert logits.grad.dtype == dtype
-    tolerance = 1e-7 if dtype == torch.float32 else 1e-4  # bf16 stores the gradient rounded
+    tolerance = 1e-7 if dtype == torch.float32 else 1e-4  # 16 bits store the gradient rounded
     torch.testing.assert_close(logits.grad.float(), reference_logits.grad.float(),
                                rtol=1e-2, atol=tolerance)
     with torch.no_grad():  # without autograd: F.cross_entropy itself
         assert fused_cross_entropy(logits, targets).item() == pytest.approx(reference.item(),
                                                                            abs=1e-5)
+
+
+def test_fused_cross_entropy_in_float16_keeps_small_gradients_for_loss_scaling():
+    """Over many rows each gradient (softmax - one_hot) / rows falls to float16's smallest
+    number (6e-8); a loss scale brings it back only if the division comes after the scaling."""
+    torch.manual_seed(0)
+    rows, vocab, scale = 2048, 16384, 2.0 ** 16
+    logits = torch.randn(rows, vocab).half().requires_grad_()
+    targets = torch.randint(0, vocab, (rows,))
+    reference_logits = logits.detach().float().requires_grad_()
+    (scale * F.cross_entropy(reference_logits, targets)).backward()
+    (scale * fused_cross_entropy(logits, targets)).backward()
+    assert logits.grad.dtype == torch.float16
+    assert (logits.grad != 0).float().mean() > 0.99  # not rounded away
+    torch.testing.assert_close(logits.grad.float(), reference_logits.grad, rtol=1e-2, atol=1e-4)
 
 
 def test_fused_cross_entropy_with_every_target_ignored_is_zero_not_nan():
@@ -491,7 +555,7 @@ def _verdict_like_loaders():
     return train, [(windows[10:, :-1], windows[10:, 1:])]
 
 
-def _train(loop, bf16: bool, fast: bool):
+def _train(loop, bf16: bool, fast: bool, precision: str | None = None):
     train, val = _verdict_like_loaders()
     torch.manual_seed(123)
     model = GPTModel(dataclasses.replace(SMALL_VOCAB, drop_rate=0.0))
@@ -505,7 +569,8 @@ def _train(loop, bf16: bool, fast: bool):
     printed = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
         warnings.simplefilter("ignore")
-        extra = {"bf16": bf16} if loop is train_model_fast else {}
+        extra = {"precision": precision or ("bf16" if bf16 else "fp32")} \
+            if loop is train_model_fast else {}
         history = loop(model, train, val, optimizer, "cpu", 3, 2, 2, "ab", tokenizer,
                        verbose=True, **extra)
     return model, history, printed.getvalue()
@@ -528,7 +593,8 @@ def test_train_model_fast_in_float32_repeats_chapter_5s_run():
     assert max(abs(a - b) for a, b in zip(train_a + val_a, train_b + val_b)) < 1e-4
     pattern = r"Ep \d+ \(Step \d+\): Train loss [\d.]+, Val loss [\d.]+, tokens seen [\d,]+"
     assert len(re.findall(pattern, log_a)) == len(re.findall(pattern, log_b)) == 8
-    samples = [line for line in log_b.split("\n")[:-1] if not line.startswith("Ep ")]
+    assert log_b.startswith("precision: float32 (as asked)\n")  # the choice, in one line
+    samples = [line for line in log_b.split("\n")[1:-1] if not line.startswith("Ep ")]
     assert len(samples) == 3 and all(line.startswith("ab") for line in samples)
     printed = io.StringIO()  # the last sample is chapter 5's, through the KV cache
     with contextlib.redirect_stdout(printed):
@@ -543,7 +609,16 @@ def test_train_model_fast_in_bf16_follows_autocast_on_float32_weights():
     assert train_b[-1] < 0.9 * train_b[0]  # it learns
     for a, b in zip(train_a + val_a, train_b + val_b):  # the same trajectory, up to bf16
         assert b == pytest.approx(a, rel=2e-2)
-    assert log.count("\n") == 8 + 3  # 8 evaluations, 3 samples
+    assert log.count("\n") == 1 + 8 + 3  # the precision, 8 evaluations, 3 samples
+
+
+def test_train_model_fast_in_float16_with_loss_scaling_follows_float32():
+    _, (train_a, val_a, _), _ = _train(train_model_fast, False, True)
+    _, (train_b, val_b, _), log = _train(train_model_fast, False, True, precision="fp16")
+    assert log.startswith("precision: float16 autocast with loss scaling (as asked")
+    assert train_b[-1] < 0.9 * train_b[0]
+    for a, b in zip(train_a + val_a, train_b + val_b):
+        assert b == pytest.approx(a, rel=2e-2)
 
 
 # --- keeping freed memory -----------------------------------------------------------------------

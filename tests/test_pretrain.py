@@ -361,3 +361,19 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path, mirror_dir, verdict)
     assert "interrupted at step" in err and "continue with --resume" in err
     assert str(tmp_path / "run" / "latest.pt") in err
     load_checkpoint(tmp_path / "run" / "latest.pt")  # what it points at is whole
+
+
+def test_float16_scales_the_loss_and_a_resume_keeps_the_scale(pretrain, verdict, tmp_path):
+    """--precision fp16 (what `auto` picks on a T4) runs here too, emulated on the CPU."""
+    out = tmp_path / "fp16"
+    run = ["--data", verdict, "--out", out, *TINY_RUN, "--epochs", "2", "--precision", "fp16"]
+    printed = pretrain(*run, "--max-steps", "12")
+    assert "precision: float16 autocast with loss scaling (as asked" in printed
+    first = checkpoint_info(out / "latest.pt")["extra"]["grad_scaler"]
+    pretrain(*run, "--resume", "--max-steps", "24")
+    second = checkpoint_info(out / "latest.pt")["extra"]["grad_scaler"]
+    assert 0 < second["scale"] <= first["scale"] <= 2.0 ** 16
+    if second["scale"] == first["scale"]:  # no overflow since: 12 more clean steps counted on
+        assert second["_growth_tracker"] == first["_growth_tracker"] + 12
+    records = history(out)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]  # it learns

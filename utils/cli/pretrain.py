@@ -2,8 +2,10 @@
 
 Chapter 5's model, loss and evaluation (`utils.model`, `utils.train`) as a command that trains
 `GPTModel` on a text file or a folder of `.txt` files, with chapter 8's fast paths (fused
-kernels, fused AdamW, the fused cross-entropy, bfloat16 where the hardware has it, and on a
-Linux CPU the allocator told to keep freed memory). It saves `OUT/latest.pt` after
+kernels, fused AdamW, the fused cross-entropy, the number format `choose_precision` picks
+(bfloat16 autocast where it is native, float16 with loss scaling on GPUs such as Colab's T4,
+else float32; printed in one line), and on a Linux CPU the allocator told to keep freed
+memory). It saves `OUT/latest.pt` after
 every epoch (and every `--save-every` steps), and `--resume` continues from it exactly: the
 weights, the optimizer, the data order and the random number generators are all restored, so
 an interrupted and resumed run ends with the same weights as an uninterrupted one. Every
@@ -12,10 +14,13 @@ records, which the checkpoint carries (`checkpoint_info(path)["extra"]["history"
 resumed run continues; read those rather than the printed lines. The optimizer decays the
 weight matrices only (embeddings included), not biases and LayerNorm parameters.
 
+One process trains where `utils.core.device.get_device` says: an NVIDIA GPU, else an Apple
+GPU (MPS, with PyTorch 2.9 or later), else the CPU; `LLM_COURSE_DEVICE=cpu` chooses by hand.
 Launched with `torchrun`, every process trains a replica on its own shard of the batches
 (`DistributedSampler`) and `DistributedDataParallel` averages the gradients, so all replicas
 stay identical; each process draws its own dropout masks. The backend is NCCL on CUDA GPUs
-and Gloo on CPUs.
+and Gloo on CPUs; without CUDA the processes train on the CPU, since no backend of
+`torch.distributed` takes tensors on an Apple GPU.
 
     python -m utils.cli.pretrain --data data/the-verdict.txt --epochs 10
     python -m utils.cli.pretrain --data data/the-verdict.txt --epochs 20 --resume
@@ -46,9 +51,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from utils.checkpoint import CheckpointError, checkpoint_info, load_checkpoint, save_checkpoint
+from utils.core.device import get_device
 from utils.core.paths import checkpoint_dir
-from utils.fast import (autocast_bf16, bf16_supported, fast_loss_batch, fused_adamw,
-                        keep_freed_memory, set_impl)
+from utils.fast import (choose_precision, fast_loss_batch, fused_adamw, keep_freed_memory,
+                        set_impl)
 from utils.model import GPT2_PRESETS, GPT_TINY, GPTModel
 from utils.text import GPTDatasetV1, get_gpt2_tokenizer
 from utils.train import TrainingHistory, evaluate_model
@@ -117,8 +123,10 @@ def _parse(argv) -> argparse.Namespace:
                    help="also save every N steps (0: only after each epoch)")
     p.add_argument("--impl", choices=["teaching", "fast"], default="fast",
                    help="chapter 3-4 modules, or chapter 8's fused ones (same weights)")
-    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                   help="bfloat16 autocast: auto uses it where the hardware has it natively")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="number format: auto picks bfloat16 autocast where native, float16 "
+                        "with loss scaling on GPUs with fast float16 only (T4, V100), else "
+                        "float32")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--out", type=Path, default=None,
                    help="checkpoint folder (default: checkpoints/pretrain)")
@@ -227,15 +235,23 @@ def _check_resume(latest: Path, args, world: int, data_sha256: str) -> dict:
     return extra
 
 
+def _choose_device(world: int, local_rank: int) -> torch.device:
+    """One process: where get_device says (CUDA, else MPS, else the CPU, or
+    $LLM_COURSE_DEVICE). Several: each process its own CUDA GPU, else the CPU (NCCL and Gloo
+    reduce CUDA and CPU tensors; no backend takes MPS tensors)."""
+    if world == 1:
+        return get_device(verbose=False)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 def _setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts the process group when run under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = _choose_device(world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return int(os.environ.get("RANK", "0")), world, device
@@ -277,11 +293,14 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _rng_states(world: int) -> list[torch.Tensor]:
-    """Every process's CPU (and CUDA) random number generator state, gathered on all ranks."""
+def _rng_states(world: int, device: torch.device) -> list[dict]:
+    """Every process's CPU random number generator state, and its GPU's (CUDA or MPS: dropout
+    on a GPU draws from the GPU's), gathered on all ranks."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     if world == 1:
         return [state]
     states = [None] * world
@@ -289,10 +308,12 @@ def _rng_states(world: int) -> list[torch.Tensor]:
     return states
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if "mps" in state and device.type == "mps":  # saved on an Apple GPU, resumed on one
+        torch.mps.set_rng_state(state["mps"])
 
 
 class _Run:
@@ -306,9 +327,8 @@ class _Run:
         self.model = GPTModel(_model_config(args)).to(device)
         if args.impl == "fast":
             set_impl(self.model, "fast")
-        self.bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_supported(device))
-        if self.bf16:
-            autocast_bf16(self.model)
+        self.precision = choose_precision(device, args.precision)
+        self.scaler = self.precision.grad_scaler(device.type)  # float16 only; else a no-op
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay)
         torch.manual_seed(args.seed + rank)  # each process draws its own dropout masks
         self.epoch, self.batch_in_epoch, self.step, self.tokens_seen = 0, 0, 0, 0
@@ -330,15 +350,22 @@ class _Run:
         states = extra.get("rng_states", [])
         self.rng_state = states[self.rank] if len(states) == self.world else None
         self.history.records = list(extra.get("history", []))  # the run goes on
+        if self.precision.loss_scaling and "grad_scaler" in extra:
+            self.scaler.load_state_dict(extra["grad_scaler"])  # the loss scale reached
+
+    def autocast(self):
+        return self.precision.autocast(self.device.type)
 
     def save(self) -> None:
-        states = _rng_states(self.world)  # collective: every rank takes part
+        states = _rng_states(self.world, self.device)  # collective: every rank takes part
         if self.rank == 0:
             save_checkpoint(self.latest, self.model, self.optimizer, epoch=self.epoch,
                             batch_in_epoch=self.batch_in_epoch, step=self.step,
                             tokens_seen=self.tokens_seen, rng_states=states,
                             settings=_settings(self.args, self.world, self.data_sha256),
-                            history=self.history.records)
+                            history=self.history.records,
+                            **({"grad_scaler": self.scaler.state_dict()}
+                               if self.precision.loss_scaling else {}))
         if self.world > 1:
             dist.barrier()  # nobody races ahead of the checkpoint
 
@@ -366,7 +393,7 @@ def _check_weights(run: _Run, batch, epoch: int) -> None:
     healthy = all(bool(torch.isfinite(p).all()) for p in run.model.parameters())
     if healthy:
         run.model.eval()  # no dropout, so the random number generators are left as they are
-        with torch.no_grad():
+        with torch.no_grad(), run.autocast():
             healthy = math.isfinite(fast_loss_batch(*batch, run.model, run.device).item())
         run.model.train()
     if not _everywhere(healthy, run):
@@ -380,26 +407,29 @@ def _train(run: _Run, ddp, train_loader, val_loader, sampler) -> bool:
     for epoch in range(run.epoch, args.epochs):
         sampler.set_epoch(epoch)  # a different shuffle each epoch, the same in every process
         if run.rng_state is not None and run.batch_in_epoch == 0:
-            _set_rng_state(run.rng_state)  # resuming at an epoch boundary
+            _set_rng_state(run.rng_state, run.device)  # resuming at an epoch boundary
             run.rng_state = None
         batches = iter(train_loader)
         for _ in range(run.batch_in_epoch):  # resuming mid-epoch: skip what was trained
             next(batches)
         if run.rng_state is not None:
-            _set_rng_state(run.rng_state)
+            _set_rng_state(run.rng_state, run.device)
             run.rng_state = None
         ddp.train()
         for batch in batches:
             input_batch, target_batch = batch
             run.optimizer.zero_grad()
-            loss = fast_loss_batch(input_batch, target_batch, ddp, run.device)  # fused CE
-            loss.backward()  # DDP averages the gradients across processes here
+            with run.autocast():  # float32 unless bfloat16 or float16 was chosen
+                loss = fast_loss_batch(input_batch, target_batch, ddp, run.device)  # fused CE
+            run.scaler.scale(loss).backward()  # DDP averages the gradients across processes
             _check_loss(run, loss, epoch)  # a diverged run stops here, before the update
-            run.optimizer.step()
+            run.scaler.step(run.optimizer)  # float16: skipped if a scaled gradient overflowed
+            run.scaler.update()
             run.tokens_seen += input_batch.numel() * run.world
             if run.step % args.eval_freq == 0 and run.rank == 0:
-                train_loss, val_loss = evaluate_model(run.model, train_loader, val_loader,
-                                                      run.device, args.eval_iter)
+                with run.autocast():
+                    train_loss, val_loss = evaluate_model(run.model, train_loader, val_loader,
+                                                          run.device, args.eval_iter)
                 run.history.log(epoch + 1, run.step, train_loss=train_loss, val_loss=val_loss,
                                 tokens_seen=run.tokens_seen)
             run.step += 1
@@ -455,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                                   else None) if world > 1 else run.model
     n_params = sum(p.numel() for p in run.model.parameters())
     say(f"{args.config}, context {args.context_length}: {n_params:,} parameters; {world} "
-        f"process(es) on {device.type}; {args.impl} modules, bfloat16 {'on' if run.bf16 else 'off'}; "
-        f"{len(train_loader)} steps per epoch")
+        f"process(es) on {device.type}; {args.impl} modules; {len(train_loader)} steps per epoch")
+    say(f"precision: {run.precision}")
     start = time.time()
     try:
         stopped = _train(run, ddp, train_loader, val_loader, sampler)

@@ -11,7 +11,8 @@ evaluation every 5 steps over 5 batches, a sample after every epoch) twice, each
 process (`utils.core.timing.run_in_fresh_process`), one after the other: as chapter 5 does
 (`train_model_simple`, teaching modules, AdamW, float32), and with every speed-up of chapter 8
 that applies on the machine (`train_model_fast`, fast modules, fused AdamW, the fused
-cross-entropy, bfloat16 autocast where native, `keep_freed_memory()` on Linux). Each run
+cross-entropy, the number format `choose_precision` picks (bfloat16 autocast where native,
+float16 with loss scaling on GPUs such as the T4), `keep_freed_memory()` on Linux). Each run
 prints its training log as chapter 5 does. The comparison is built from the records the
 training loops return (`TrainingHistory.records`: epoch, step, losses, tokens seen and the
 seconds since the run started, at every evaluation), never from the printed log.
@@ -33,7 +34,8 @@ import torch
 from utils.cli.speed_paths import MODELS
 from utils.core.download import fetch
 from utils.core.timing import describe_machine, run_in_fresh_process, save_results
-from utils.fast import bf16_supported, fused_adamw, keep_freed_memory, set_impl, train_model_fast
+from utils.fast import (bf16_supported, choose_precision, fused_adamw, keep_freed_memory,
+                        set_impl, train_model_fast)
 from utils.model import GPTModel
 from utils.text import create_dataloader_v1, get_gpt2_tokenizer
 from utils.train import train_model_simple
@@ -67,16 +69,19 @@ def _loaders(text: str, context: int):
     return train_loader, val_loader
 
 
-def _label(kind: str, bf16: bool, kept: bool) -> str:
+_PRECISION_LABELS = {"bf16": "bf16 autocast", "fp16": "fp16 autocast, loss scaling",
+                     "fp32": "float32"}
+
+
+def _label(kind: str, precision: str, kept: bool) -> str:
     if kind == "chapter5":
         return "chapter 5: teaching modules, AdamW, float32"
-    return ("chapter 8: fast modules, fused AdamW, fused CE, "
-            + ("bf16 autocast" if bf16 else "float32")
+    return ("chapter 8: fast modules, fused AdamW, fused CE, " + _PRECISION_LABELS[precision]
             + ", KV-cache samples" + (", freed memory kept" if kept else ""))
 
 
 def retrain(kind: str, model: str = "gpt2-small", context: int = 256, epochs: int = 10,
-            device="cpu", bf16: str | bool = "auto", data: str | None = None) -> dict:
+            device="cpu", precision: str = "auto", data: str | None = None) -> dict:
     """One run of chapter 5's training on the text file `data` (default the-verdict):
     "chapter5" as notebook 05 runs it, "fast" with `train_model_fast` and every speed-up that
     applies here. Returns its record: label, wall seconds, the loop's evaluation records and
@@ -86,13 +91,13 @@ def retrain(kind: str, model: str = "gpt2-small", context: int = 256, epochs: in
     tokenizer = get_gpt2_tokenizer()
     train_loader, val_loader = _loaders(_read_text(data), context)
     fast = kind == "fast"
-    use_bf16 = fast and (bf16_supported(device) if bf16 == "auto" else bool(bf16))
+    chosen = choose_precision(device, precision).name if fast else "fp32"
     kept = keep_freed_memory() if fast else False
     torch.manual_seed(123)
     net = GPTModel(cfg).to(device)
     if fast:
         optimizer = fused_adamw(set_impl(net, "fast").parameters(), lr=0.0004, weight_decay=0.1)
-        train, extra = train_model_fast, {"bf16": use_bf16}
+        train, extra = train_model_fast, {"precision": chosen}
     else:
         optimizer = torch.optim.AdamW(net.parameters(), lr=0.0004, weight_decay=0.1)
         train, extra = train_model_simple, {}
@@ -101,7 +106,8 @@ def retrain(kind: str, model: str = "gpt2-small", context: int = 256, epochs: in
                     eval_freq=TRAINING["eval_freq"], eval_iter=TRAINING["eval_iter"],
                     start_context=TRAINING["start_context"], tokenizer=tokenizer, **extra)
     wall = time.perf_counter() - start
-    return {"label": _label(kind, use_bf16, kept), "wall_seconds": wall, "bf16": use_bf16,
+    return {"label": _label(kind, chosen, kept), "wall_seconds": wall, "precision": chosen,
+            "bf16": chosen == "bf16",
             "freed_memory_kept": kept, "evals": [dict(r) for r in history.records],
             "samples": list(history.samples)}
 
@@ -113,7 +119,7 @@ def compare_runs(runs: dict, setup: dict, machine: dict) -> dict:
 
 
 def run_chapter5_comparison(model: str = "gpt2-small", context: int = 256, epochs: int = 10,
-                            device="cpu", bf16: str | bool = "auto", data: str | None = None,
+                            device="cpu", precision: str = "auto", data: str | None = None,
                             progress: bool = True) -> dict:
     """Chapter 5's run and the fast retrain, each in a fresh process, one after the other."""
     runs = {}
@@ -121,7 +127,7 @@ def run_chapter5_comparison(model: str = "gpt2-small", context: int = 256, epoch
         if progress:
             print(f"  chapter 5 retrain: running {kind} ...", file=sys.stderr, flush=True)
         runs[kind], _ = run_in_fresh_process(retrain, kind, model, context, epochs, str(device),
-                                             bf16, data)
+                                             precision, data)
     setup = {"model": model, "context": context, "epochs": epochs, **TRAINING,
              "data": f"{Path(data).name if data else 'the-verdict'}, 90/10 split",
              "order": "chapter 5 first, then the fast retrain, each in a fresh process"}
@@ -180,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, help="tokens per sequence (default 256)")
     parser.add_argument("--epochs", type=int, help="default 10 (1 with --quick)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best found)")
-    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                        help="bfloat16 autocast in the fast run (auto: where native)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                        help="number format of the fast run (auto: bfloat16 where native, "
+                             "float16 with loss scaling on GPUs such as the T4, else float32)")
     parser.add_argument("--data", help="a text file to train on (default: the-verdict)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="also save the loss curves here")
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_chapter5_comparison(
         args.model or ("tiny" if args.quick else "gpt2-small"),
         args.context or (64 if args.quick else 256), args.epochs or (1 if args.quick else 10),
-        args.device, {"auto": "auto", "on": True, "off": False}[args.bf16], args.data)
+        args.device, args.precision, args.data)
     print(format_chapter5(results))
     if args.json:
         save_results(results, args.json)
