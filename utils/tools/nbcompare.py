@@ -33,6 +33,9 @@ The test settings of a cell live in its metadata, never in its code (learners re
 code, an ignore tag without a reason, unknown keys, negative values, a missing reason); the
 plugin fails such a cell, and `tests/test_nbcompare.py` checks every notebook.
 
+`output_differences(saved, new, tolerance, sanitize)` compares a whole cell's outputs as the
+plugin does, for tools that run notebooks themselves (`utils/tools/gpu_check.py`).
+
 Words are compared after collapsing runs of spaces (numbers of another width shift aligned
 columns); line breaks count. Torch's printed tensors are just numbers between brackets.
 
@@ -53,12 +56,17 @@ from importlib.metadata import PackageNotFoundError, version
 
 import pytest
 
-__all__ = ["Tolerance", "compare_text", "cell_problems", "cell_tolerance", "nbval_mismatch",
-           "IGNORE_TAG", "METADATA_KEY", "NBVAL_VERSION"]
+__all__ = ["Tolerance", "compare_text", "flatten_outputs", "output_differences", "cell_problems",
+           "cell_tolerance", "nbval_mismatch", "IGNORE_TAG", "UNCHECKED_TAGS", "METADATA_KEY",
+           "NBVAL_VERSION", "NBVAL_SKIP_COMPARE"]
 
 NBVAL_VERSION = "0.11.0"  # the nbval whose IPyNbCell.compare_outputs the plugin wraps
 IGNORE_TAG = "nbval-ignore-output"  # nbval's own tag: run the cell, do not compare its output
 UNCHECKED_TAGS = (IGNORE_TAG, "nbval-skip")  # tags that leave a cell's output unchecked
+# The output keys nbval leaves out of the comparison (IPyNbFile.skip_compare, without --nbdime)
+NBVAL_SKIP_COMPARE = ("metadata", "traceback", "prompt_number", "output_type", "name",
+                      "execution_count", "application/vnd.jupyter.widget-view+json",
+                      "image/png", "image/jpeg")
 METADATA_KEY = "nbcompare"  # cell.metadata["nbcompare"]: rel, abs, whole, reason
 _WIDENING_KEYS = ("rel", "abs", "whole")
 MIN_REASON_WORDS = 4  # "varies" or "flaky" says nothing; a reason says what varies and why
@@ -234,9 +242,8 @@ def compare_text(saved: str, new: str, tolerance: Tolerance = Tolerance(),
     return problems
 
 
-# --- the pytest plugin -------------------------------------------------------------------
-
-def _flatten(cell, outputs, skip_compare) -> dict[str, list]:
+def flatten_outputs(outputs, sanitize=None,
+                    skip_compare=NBVAL_SKIP_COMPARE) -> dict[str, list]:
     """nbval's view of a cell's outputs: {stream name or mime type: [sanitized values]}."""
     from nbval.plugin import transform_streams_for_comparison
 
@@ -248,16 +255,16 @@ def _flatten(cell, outputs, skip_compare) -> dict[str, list]:
             items = value.items() if key == "data" else [(key, value)]
             for name, item in items:
                 if name not in skip_compare:
-                    flat.setdefault(name, []).append(cell.sanitize(item))
+                    flat.setdefault(name, []).append(sanitize(item) if sanitize else item)
     return flat
 
 
-def _tolerant_compare(cell, test, ref, skip_compare) -> list[str]:
-    try:
-        tolerance = cell_tolerance(cell.cell)
-    except ValueError as err:
-        return [f"Malformed test settings in this cell's metadata: {err}"]
-    new, saved = _flatten(cell, test, skip_compare), _flatten(cell, ref, skip_compare)
+def output_differences(saved, new, tolerance: Tolerance = Tolerance(), sanitize=None,
+                       skip_compare=NBVAL_SKIP_COMPARE) -> list[str]:
+    """The differences between a cell's saved and new outputs (lists of output records, their
+    streams coalesced as nbval does) beyond `tolerance`, as readable lines ([] = match).
+    `sanitize(text)` normalises each value first, as nbval's sanitize patterns do."""
+    saved, new = (flatten_outputs(outputs, sanitize, skip_compare) for outputs in (saved, new))
     if set(new) != set(saved):
         return [f"the output has parts {sorted(new)}, the saved one {sorted(saved)}"]
     problems = []
@@ -275,6 +282,16 @@ def _tolerant_compare(cell, test, ref, skip_compare) -> list[str]:
     if problems:
         problems.insert(0, f"Outputs differ beyond the tolerance ({tolerance}):")
     return problems
+
+
+# --- the pytest plugin -------------------------------------------------------------------
+
+def _tolerant_compare(cell, test, ref, skip_compare) -> list[str]:
+    try:
+        tolerance = cell_tolerance(cell.cell)
+    except ValueError as err:
+        return [f"Malformed test settings in this cell's metadata: {err}"]
+    return output_differences(ref, test, tolerance, cell.sanitize, skip_compare)
 
 
 def nbval_mismatch() -> str | None:
