@@ -239,6 +239,73 @@ def test_the_fresh_process_memory_run_steps_one_path(small_tiny, one_thread):
         assert benchmark._run_one_path(s, path) is None
 
 
+# --- on an Apple GPU (MPS), its queries faked: the tensors stay on the CPU here ------------------
+
+@pytest.fixture
+def mps_trainer(small_tiny, one_thread, monkeypatch):
+    """A tiny PathTrainer that believes it runs on an Apple GPU, on a PyTorch without MPS
+    autocast (2.4 refuses torch.autocast("mps", ...) even disabled); `.syncs` counts the
+    waits for the GPU."""
+    real_autocast = torch.autocast
+
+    def autocast(device_type, *args, **kwargs):
+        if device_type == "mps":
+            raise RuntimeError("User specified an unsupported autocast device_type 'mps'")
+        return real_autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", autocast)
+    s, _ = resolve_settings("tiny", 1, 8, 1, 4, "cpu", False, False, False, 64)
+    trainer = speed_paths.PathTrainer(s)
+    trainer.device = torch.device("mps")
+    trainer.syncs = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: trainer.syncs.append("mps"))
+    return trainer
+
+
+def test_a_timed_step_on_mps_waits_for_the_gpu_and_opens_no_autocast_in_float32(mps_trainer):
+    path = next(p for p in TRAIN_PATHS if p.key == "fast_fused_ce_fp32")  # float32: no autocast
+    seconds = mps_trainer.step(path)
+    assert seconds > 0 and mps_trainer.syncs == ["mps", "mps"]  # before and after the step
+
+
+def test_running_out_of_mps_memory_is_a_missing_row_and_other_errors_are_raised(mps_trainer,
+                                                                               monkeypatch):
+    def fails_with(message):
+        def step(*args):
+            raise RuntimeError(message)
+        return step
+
+    emptied = []
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(mps_trainer, "_step", fails_with(  # as MPS words it
+        "MPS backend out of memory (MPS allocated: 17.9 GB, other allocations: 0.2 GB, max "
+        "allowed: 18.1 GB). Tried to allocate 1.2 GB on private pool."))
+    assert mps_trainer.step(TRAIN_PATHS[0]) is None and emptied == [True]
+    monkeypatch.setattr(mps_trainer, "_step", fails_with("mat1 and mat2 shapes cannot be "
+                                                         "multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        mps_trainer.step(TRAIN_PATHS[0])
+
+
+def test_on_mps_the_machine_names_the_apple_gpu_and_no_memory_peak_is_claimed(monkeypatch):
+    monkeypatch.setattr("utils.core.device._mps_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "get_name", lambda: "Apple M2 Pro")
+    monkeypatch.setattr("utils.core.device.platform.mac_ver", lambda: ("15.1", ("", "", ""), ""))
+    assert describe_machine("mps")["gpu"] == "Apple GPU (MPS): Apple M2 Pro, macOS 15.1"
+    s = speed_paths.PathSettings("tiny", 1, 8, 1, 4, "mps", False, False, False, 64)
+    assert benchmark._setup(s, True, None)["memory"] is None  # MPS keeps no peak counter
+    on_cpu = dataclasses.replace(s, device="cpu")
+    assert benchmark._setup(on_cpu, True, None)["memory"] == ("peak RSS of a process running "
+                                                              "one path")
+    assert "no peak counter" in benchmark.MPS_MEMORY
+
+
+def test_left_out_bfloat16_on_mps_is_not_blamed_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(speed_paths, "bf16_supported", lambda device: False)
+    _, skipped = resolve_settings("tiny", 1, 8, 1, 4, "mps", "auto", False, True, 64)
+    assert skipped[0].startswith("bf16: mps has no native bfloat16; it would be emulated")
+
+
 def test_profile_step_sorts_operators_into_groups():
     a, b = torch.randn(64, 64), torch.randn(64, 64)
     profiled = profile_step(lambda: torch.mm(a, b).sum(), "a matrix product")

@@ -65,3 +65,36 @@ def test_gpu_descriptions_name_the_gpu_and_its_memory(monkeypatch):
     assert describe_device(torch.device("cuda", 0)) == "CUDA GPU 0: NVIDIA A100-SXM4-40GB (40 GiB)"
     assert describe_device(torch.device("cuda")) == "CUDA GPU 1: NVIDIA H200 (134 GiB)"  # current
     assert describe_device(torch.device("mps")) == "Apple GPU (MPS)"
+
+
+@pytest.mark.parametrize("version, chosen",
+                         [("2.8.0", "cpu"), ("2.9.0", "mps"), ("2.13.1+cpu", "mps")])
+def test_the_apple_gpu_is_chosen_from_pytorch_2_9_on(machine, monkeypatch, capsys, version, chosen):
+    machine(cuda=False, mps=True)
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch.backends.mps, "get_name", lambda: "Apple M3")
+    assert get_device() == torch.device(chosen)
+    printed = capsys.readouterr().out
+    if chosen == "cpu":  # says what was left out, why, and how to use it anyway
+        assert "the Apple GPU (MPS) is left out: PyTorch before 2.9 computes" in printed
+        assert "Update PyTorch" in printed and "LLM_COURSE_DEVICE=mps" in printed
+    else:
+        assert "left out" not in printed and "using Apple GPU (MPS): Apple M3" in printed
+
+
+def test_an_explicit_mps_choice_is_honoured_on_an_old_pytorch_with_a_warning(machine, monkeypatch,
+                                                                            capsys):
+    machine(cuda=False, mps=True)
+    monkeypatch.setattr(torch, "__version__", "2.8.0")
+    monkeypatch.setattr(torch.backends.mps, "get_name", lambda: "Apple M1")
+    monkeypatch.setenv("LLM_COURSE_DEVICE", "mps")
+    assert get_device() == torch.device("mps")
+    assert "as LLM_COURSE_DEVICE asks; PyTorch before 2.9" in capsys.readouterr().out
+
+
+def test_apple_gpu_description_names_the_chip_and_the_macos_release(monkeypatch):
+    monkeypatch.setattr("utils.core.device._mps_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "get_name", lambda: "Apple M2 Pro")
+    monkeypatch.setattr("utils.core.device.platform.mac_ver",
+                        lambda: ("14.5", ("", "", ""), "arm64"))
+    assert describe_device(torch.device("mps")) == "Apple GPU (MPS): Apple M2 Pro, macOS 14.5"

@@ -649,3 +649,10 @@ def test_keep_freed_memory_stops_page_faults_for_reused_blocks():
     assert out.returncode == 0, out.stderr
     fresh, kept = map(int, out.stdout.split())
     assert fresh > 10_000 and kept < 500  # 189 MB is 46,000 pages of 4 KB (fewer if huge)
+
+
+def test_float32_opens_no_autocast_region_at_all():
+    """Some PyTorch releases refuse torch.autocast("mps", enabled=False): float32 must not ask."""
+    assert isinstance(Precision("fp32").autocast("mps"), contextlib.nullcontext)
+    with Precision("bf16").autocast("cpu"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

@@ -57,6 +57,7 @@ def pretrain(mirror_dir, tmp_path_factory):
         for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process, not under torchrun
             patch.delenv(name, raising=False)
         patch.setattr(torch.cuda, "is_available", lambda: False)  # CUDA_VISIBLE_DEVICES=""
+        patch.setenv("LLM_COURSE_DEVICE", "cpu")  # also on a Mac, whose Apple GPU it would use
         patch.setattr(pretrain_cli, "keep_freed_memory", lambda: True)  # pytest's malloc as is
         torch.set_num_threads(1)  # OMP_NUM_THREADS=1
 
@@ -156,6 +157,36 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(pretrain, ver
     assert strip(history(out)) == strip(history(whole))  # every evaluation, resumed or not
     logged = [line for line in resumed.splitlines() if line.startswith("Ep ")]
     assert logged == [format_log_line(r) for r in history(out)][-len(logged):]
+
+
+def test_one_process_trains_on_the_apple_gpu_and_several_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("LLM_COURSE_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("utils.core.device._mps_available", lambda: True)  # a Mac, PyTorch 2.9+
+    monkeypatch.setattr(torch, "__version__", "2.9.0")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert pretrain_cli._setup_distributed() == (0, 1, torch.device("mps"))
+    started = []  # under torchrun: Gloo on the CPU, as no backend reduces MPS tensors
+    monkeypatch.setattr(pretrain_cli.dist, "init_process_group", lambda **kw: started.append(kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pretrain_cli._setup_distributed() == (1, 2, torch.device("cpu"))
+    assert started == [{"backend": "gloo"}]
+
+
+def test_a_resume_on_the_apple_gpu_restores_its_random_numbers(monkeypatch):
+    saved, restored = torch.tensor([7, 1, 3], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda *a: saved)  # dropout draws on MPS
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, *a: restored.append(state))
+    (state,) = pretrain_cli._rng_states(1, torch.device("mps"))
+    assert torch.equal(state["mps"], saved) and torch.equal(state["cpu"], torch.get_rng_state())
+    pretrain_cli._set_rng_state(state, torch.device("cpu"))  # resumed on the CPU: not needed
+    assert restored == []
+    pretrain_cli._set_rng_state(state, torch.device("mps"))
+    assert len(restored) == 1 and torch.equal(restored[0], saved)
 
 
 # --- bad arguments: one line, before any work -------------------------------------------------
@@ -308,6 +339,7 @@ def command_line(args, tmp_path, mirror_dir, launcher=(sys.executable, "-m"), **
     """`python -m utils.cli.pretrain ARGS` (or under torchrun), offline, CPU, one thread."""
     env = {**os.environ, "LLM_COURSE_MIRROR": str(mirror_dir), "LLM_COURSE_OFFLINE": "1",
            "LLM_COURSE_DATA": str(tmp_path / "data"), "CUDA_VISIBLE_DEVICES": "",
+           "LLM_COURSE_DEVICE": "cpu",  # one process would use a Mac's Apple GPU
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [*launcher, "utils.cli.pretrain", *map(str, args)]
     if popen:

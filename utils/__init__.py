@@ -88,10 +88,15 @@ Maintainer tools (`python -m utils.tools.NAME`):
 
 - `utils.tools.configs`: Run the notebook tests under several CPU configurations
 - `utils.tools.export`: Writing a notebook's finished code into `utils/`
+- `utils.tools.gpu_check`: The GPU check: every chapter notebook run on CUDA and compared
+  with its saved CPU outputs, then the speed benchmark on the GPU, in one report
 - `utils.tools.nbcompare`: Comparing a notebook cell's fresh output with its saved output,
   with a tolerance for numbers, and the pytest plugin that makes nbval use it
 - `utils.tools.rerun`: Re-executing notebooks and saving their outputs
 - `utils.tools.standalone`: Standalone copies of the chapter notebooks for Colab and Kaggle
+- `utils.tools.training_memory`: How much GPU memory each chapter's training cell needs,
+  estimated on the CPU, and how much CPU memory loading the largest pretrained checkpoints
+  takes
 
 Shape legend used in comments throughout: B batch, T tokens, C embedding dim,
 H heads, D head dim, V vocabulary size.

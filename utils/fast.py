@@ -16,8 +16,10 @@ D head dim, V vocabulary size, N tokens of a batch (B x T).
 __all__ = ["SDPAttention", "FastLayerNorm", "FastGELU", "set_impl", "KVCache", "forward_with_cache", "CachedModel", "CachedGPT", "bf16_supported", "autocast_bf16", "fp16_fast", "PRECISIONS", "Precision", "choose_precision", "BF16Linear", "bf16_inference_model", "fused_adamw", "compile_model", "fused_cross_entropy", "fast_loss_batch", "keep_freed_memory", "train_model_fast"]
 
 
+import contextlib
 import copy
 import ctypes
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -228,13 +230,18 @@ def bf16_supported(device) -> bool:
     return device.type == "mps" and _mps_has_bf16(device)
 
 
+@functools.lru_cache(maxsize=None)  # asked on every forward pass by autocast_bf16
 def _mps_has_bf16(device) -> bool:
-    """Apple GPUs compute bfloat16 from macOS 14 on; before that PyTorch refuses the dtype."""
+    """Apple GPUs compute bfloat16 from macOS 14 on, and PyTorch autocasts to it there from
+    2.6 on; before that it refuses bfloat16, or autocast quietly stays in float32."""
     try:
-        torch.ones(1, dtype=torch.bfloat16, device=device)
-    except (RuntimeError, TypeError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "... is not supported. Disabling autocast"
+            with torch.autocast("mps", dtype=torch.bfloat16):
+                x = torch.ones(2, 2, device=device)
+                return (x @ x).dtype == torch.bfloat16
+    except (RuntimeError, TypeError):  # no MPS autocast at all, or no bfloat16 on this macOS
         return False
-    return True
 
 
 def autocast_bf16(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -298,8 +305,11 @@ class Precision:
         return self.name == "fp16"
 
     def autocast(self, device_type: str):
-        """The autocast region for the forward pass (does nothing for float32)."""
-        return torch.autocast(device_type, dtype=self.dtype, enabled=self.name != "fp32")
+        """The autocast region for the forward pass (none at all for float32: some PyTorch
+        releases refuse even a disabled autocast on an Apple GPU)."""
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.dtype)
 
     def grad_scaler(self, device_type: str) -> torch.amp.GradScaler:
         """A GradScaler for float16; for the other formats one that passes everything through."""

@@ -32,7 +32,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int,
             logits = logits.masked_fill(logits < kth_best, float("-inf"))
         if temperature > 0.0:
             probs = torch.softmax(logits / temperature, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+            idx_next = _sample(probs)  # (B, 1)
         else:
             idx_next = torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
         if eos_id is not None:
@@ -42,6 +42,15 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int,
             idx_next = idx_next.masked_fill(finished, eos_id)  # pad finished sequences
         idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
     return idx
+
+
+def _sample(probs: torch.Tensor) -> torch.Tensor:
+    """One token ID per row of `probs`, drawn by torch.multinomial; on an Apple GPU the draw
+    runs on the CPU, because MPS's multinomial can return a token of probability zero, one
+    that top-k has just ruled out (pytorch/pytorch issue 192577)."""
+    if probs.device.type == "mps":
+        return torch.multinomial(probs.cpu(), num_samples=1).to(probs.device)
+    return torch.multinomial(probs, num_samples=1)
 
 
 def _check_generate_args(idx, max_new_tokens, temperature, top_k) -> None:

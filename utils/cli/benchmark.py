@@ -18,7 +18,9 @@ parameters outside the embedding tables (PaLM, appendix B), and as a fraction of
 matmul peak of the row's number format; on CUDA also against the data-sheet bfloat16 peak
 (model FLOPs utilisation, MFU). Peak memory: on CUDA the allocator's peak during the row's
 runs; on CPU the peak resident size of a fresh process that runs only that row
-(`utils.core.timing.run_in_fresh_process`; Python and PyTorch included, about 0.3 GB).
+(`utils.core.timing.run_in_fresh_process`; Python and PyTorch included, about 0.3 GB); not
+on an Apple GPU (MPS), which keeps no peak counter (the results say so under `skipped`). On
+GPUs every clock is read after the device has finished its queued work (`sync_device`).
 
 The paths, each under a stable key, are in utils/cli/speed_paths.py (TRAIN_PATHS, GEN_PATHS).
 The results: `results["train"]` and `results["generate"]` hold one row per path under its key
@@ -209,17 +211,29 @@ def _bf16_generation_ratio(rows: dict) -> float | None:
             / rows["cache_fast"]["tokens_per_s"]["median"])
 
 
+MPS_MEMORY = ("peak memory: not measured on mps, as PyTorch keeps no peak counter for the "
+              "Apple GPU (torch.mps.driver_allocated_memory() is the allocator's reserved "
+              "pool, not a peak)")
+
+
+def _memory_measure(s: PathSettings, memory: bool) -> str | None:
+    """How this run measures each row's peak memory (None: it does not)."""
+    kind = torch.device(s.device).type
+    if kind == "cuda":
+        return "cuda allocator peak"
+    if kind == "cpu" and memory:
+        return "peak RSS of a process running one path"
+    return None  # MPS: no peak counter (MPS_MEMORY)
+
+
 def _setup(s: PathSettings, memory: bool, data_sheet: float | None) -> dict:
-    cuda = torch.device(s.device).type == "cuda"
     return {"model": s.model, "batch_size": s.batch_size, "context": s.context,
             "repeats": s.repeats, "generation_repeats": s.generation_repeats,
             "new_tokens": s.new_tokens, "prompt_tokens": len(PROMPT),
             "dropout": s.cfg.drop_rate, "flops_per_token": flops_per_token(s.cfg, s.context),
             "matmul_size": s.matmul_size, "data_sheet_bf16_tflops": data_sheet,
             "keep_memory_rows": s.keep_memory,
-            "memory": ("cuda allocator peak" if cuda else
-                       "peak RSS of a process running one path" if memory else None),
-            "legend": LEGEND}
+            "memory": _memory_measure(s, memory), "legend": LEGEND}
 
 
 def _size_problem(model: str, batch_size: int, context: int, repeats: int, new_tokens: int,
@@ -261,9 +275,12 @@ def run_benchmark(model: str = "gpt2-small", batch_size: int = 2, context: int =
     seconds, memory_mb, profiled = _time_training(s, train_paths, profile, progress)
     gen_seconds, outputs, gen_memory_mb = _time_generation(s, gen_paths, progress)
     memory_mb.update(gen_memory_mb)
-    cuda = torch.device(s.device).type == "cuda"
-    if memory and not cuda:
+    kind = torch.device(s.device).type
+    cuda = kind == "cuda"
+    if memory and kind == "cpu":
         memory_mb.update(_cpu_memory_mb(s, {**train_paths, **gen_paths}, progress))
+    elif memory and kind == "mps":
+        skipped.append(MPS_MEMORY)
     data_sheet = peak_tflops or (data_sheet_bf16_tflops(torch.cuda.get_device_name(s.device))
                                  if cuda else None)
     peaks = _matmul_peaks(s, seconds)

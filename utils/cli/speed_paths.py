@@ -18,12 +18,14 @@ generation path. `flops_per_token` counts a training step's FLOPs (PaLM, appendi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
 import torch
 import torch.nn.functional as F
 
+from utils.core.timing import sync_device
 from utils.fast import (CachedGPT, autocast_bf16, bf16_inference_model, bf16_supported,
                         compile_model, fused_adamw, fused_cross_entropy, keep_freed_memory,
                         set_impl)
@@ -33,7 +35,7 @@ from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTModel
 __all__ = ["MODELS", "PROMPT", "TrainPath", "GenPath", "TRAIN_PATHS", "GEN_PATHS",
            "TRAIN_BASELINE", "GEN_BASELINE", "PathSettings", "resolve_settings",
            "best_train_key", "select_train_paths", "select_gen_paths", "flops_per_token",
-           "sync_device", "matmul_seconds", "matmul_dtypes", "PathTrainer", "PathGenerator"]
+           "matmul_seconds", "matmul_dtypes", "PathTrainer", "PathGenerator"]
 
 MODELS = {"gpt2-small": GPT2_SMALL_124M, "tiny": GPT_TINY}  # GPT-2 keeps chapter 5's dropout 0.1
 PROMPT = [15496, 11, 314, 716]  # "Hello, I am" in GPT-2 BPE: a short prompt
@@ -131,9 +133,10 @@ def resolve_settings(model: str, batch_size: int, context: int, repeats: int, ne
                          f"and --new-tokens <= {length - len(PROMPT)}")
     device = torch.device(device)
     use_bf16 = bf16_supported(device) if bf16 == "auto" else bool(bf16)
-    skipped = [] if use_bf16 else [f"bf16: {device} has no native bfloat16 "
-                                   f"(CPU capability {torch.backends.cpu.get_cpu_capability()}); "
-                                   f"it would be emulated, so it is left out (--bf16 on forces it)"]
+    why = (f" (CPU capability {torch.backends.cpu.get_cpu_capability()})"
+           if device.type == "cpu" else "")
+    skipped = [] if use_bf16 else [f"bf16: {device} has no native bfloat16{why}; it would be "
+                                   f"emulated, so it is left out (--bf16 on forces it)"]
     if keep_memory and device.type == "cpu" and not keep_freed_memory(False):
         keep_memory = False
         skipped.append("freed memory kept: this C library has no mallopt (not glibc)")
@@ -174,10 +177,26 @@ def flops_per_token(cfg, context: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim * context
 
 
-def sync_device(device: torch.device) -> None:
-    """Wait for the GPU's queued work (nothing to wait for on a CPU), so a clock reads true."""
+def _bf16_autocast(device: torch.device, enabled: bool):
+    """A bfloat16 autocast region on `device` if `enabled`, else none at all: PyTorch 2.4
+    refuses `torch.autocast("mps", ...)` even with enabled=False (it has no MPS autocast)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """True for running out of GPU memory: CUDA's OutOfMemoryError, or the RuntimeError
+    "MPS backend out of memory (...)" that the MPS allocator raises."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    """Give the GPU allocator's cached blocks back, so the next path starts afresh."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def matmul_seconds(dtype: torch.dtype, size: int, device: torch.device, calls: int = 3) -> float:
@@ -213,12 +232,12 @@ class PathTrainer:
     def _compile(self, path: TrainPath):
         fast = set_impl(GPTModel(self.model.cfg), "fast").to(self.device).train()
         fast.load_state_dict(self.model.state_dict())
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=path.bf16):
+        with _bf16_autocast(self.device, path.bf16):
             fast = compile_model(fast, self.x)  # builds the graph that will run
         return fast, fused_adamw(fast.parameters(), lr=4e-4, weight_decay=0.1)
 
     def step(self, path: TrainPath) -> float | None:
-        """Seconds for one training step of `path` (None: out of GPU memory)."""
+        """Seconds for one training step of `path` (None: out of GPU memory, CUDA or MPS)."""
         if path.compiled:
             model, optimizer = self.compiled
         else:
@@ -230,15 +249,17 @@ class PathTrainer:
             start = time.perf_counter()
             self._step(model, optimizer, path)
             sync_device(self.device)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
+            if not _out_of_memory(err):
+                raise
             model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            _release_cached_memory(self.device)
             return None
         return time.perf_counter() - start
 
     def _step(self, model, optimizer, path: TrainPath) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=path.bf16):
+        with _bf16_autocast(self.device, path.bf16):
             logits = model(self.x)  # (B, T, V)
         if path.fused_ce:
             loss = fused_cross_entropy(logits.flatten(0, 1), self.y.flatten())

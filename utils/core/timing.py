@@ -9,10 +9,14 @@ teaches it, chapter 8 and notebook 02b show what the benchmarks measured with it
 - `spread(values)`: median, min and max; `rate_table(seconds, work, baseline, unit)`: one row
   per contender, by its key: work per second (median, min, max over the rounds) and the
   ratio of its median to the baseline's.
+- `sync_device(device)`: wait until a GPU (CUDA or Apple MPS) has done the work queued on
+  it, so that a clock read after it counts that work; GPUs run asynchronously.
 - `describe_machine(device)`: the CPU (model name and the flags that matter), threads, CPU
-  count, torch and Python versions, ATen's CPU capability, the GPU and CUDA version on CUDA.
+  count, torch and Python versions, ATen's CPU capability, the GPU and CUDA version on CUDA,
+  the Apple GPU and macOS version on MPS.
 - `peak_rss_bytes()`: this process's peak resident memory; `reset_cuda_peak(device)` and
-  `cuda_peak_bytes(device)`: the CUDA allocator's peak.
+  `cuda_peak_bytes(device)`: the CUDA allocator's peak. MPS has no such counter (PyTorch
+  offers only the memory held now, and the allocator's reserved pool).
 - `save_results(results, path)`: a command's results as a JSON file, its folder made.
 - `run_in_fresh_process(fn, *args)`: `fn(*args)` in a new Python process (multiprocessing,
   "spawn"); returns its result and that process's peak resident memory.
@@ -22,7 +26,8 @@ teaches it, chapter 8 and notebook 02b show what the benchmarks measured with it
     rows = rate_table(seconds, work=1e6, baseline="a", unit="items_per_s")
     rows["b"]["ratio"]  # b's median items/s over a's
 
-Nothing here imports a chapter module: only torch and the standard library.
+Nothing here imports a chapter module: only torch, the standard library and
+`utils.core.device`.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ from typing import Callable
 
 import torch
 
-__all__ = ["paired_rounds", "timed", "spread", "rate_table", "CPU_FLAGS", "describe_machine",
-           "peak_rss_bytes", "reset_cuda_peak", "cuda_peak_bytes", "save_results",
-           "run_in_fresh_process"]
+from utils.core.device import describe_device
+
+__all__ = ["paired_rounds", "timed", "spread", "rate_table", "CPU_FLAGS", "sync_device",
+           "describe_machine", "peak_rss_bytes", "reset_cuda_peak", "cuda_peak_bytes",
+           "save_results", "run_in_fresh_process"]
 
 # The vector and matrix instructions that decide float32 and bfloat16 speed on a CPU.
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -113,6 +120,15 @@ def _cpu_info() -> dict:
     return info
 
 
+def sync_device(device) -> None:
+    """Wait for the work queued on a GPU (nothing to wait for on a CPU), so a clock reads true."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def describe_machine(device="cpu") -> dict:
     """What a measurement ran on; callers add their own keys (e.g. native bfloat16)."""
     device = torch.device(device)
@@ -123,6 +139,8 @@ def describe_machine(device="cpu") -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+    elif device.type == "mps":
+        info["gpu"] = describe_device(device)  # the chip and the macOS release
     return info
 
 
