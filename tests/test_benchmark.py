@@ -15,7 +15,8 @@ import utils.train
 from utils.cli import benchmark, retrain_chapter5, speed_paths
 from utils.cli.benchmark import data_sheet_bf16_tflops, run_benchmark
 from utils.cli.profile_step import OPERATOR_GROUPS, format_profile, profile_step
-from utils.cli.speed_paths import GEN_PATHS, TRAIN_PATHS, flops_per_token, resolve_settings
+from utils.cli.speed_paths import (GEN_PATHS, TRAIN_PATHS, flops_per_token, matmul_dtypes,
+                                   resolve_settings, select_train_paths)
 from utils.core.timing import (CPU_FLAGS, describe_machine, paired_rounds, peak_rss_bytes,
                                rate_table, run_in_fresh_process, spread, timed)
 from utils.model import GPT2_SMALL_124M, GPT_TINY
@@ -184,6 +185,21 @@ def test_an_existing_json_file_is_kept_until_the_results_are_ready(no_work, tmp_
     assert [p.name for p in earlier.parent.iterdir()] == ["results.json"]  # no probe left
 
 
+@pytest.mark.parametrize("capability, rows", [((7, 5), "fp16"), ((8, 0), "bf16"), ((6, 1), "fp32")])
+def test_the_16_bit_rows_follow_the_gpu(monkeypatch, capability, rows):
+    """A T4 runs the float16 rows (loss scaled) and compiles the best of them, an A100 the
+    bfloat16 ones, a GTX 1080 neither (the device queries are faked)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    s, skipped = resolve_settings("tiny", 2, 8, 1, 4, "cuda", "auto", True, False, 64)
+    keys = set(select_train_paths(s))
+    assert any(k.endswith("_fp16") for k in keys) is (rows == "fp16")
+    assert any(k.endswith("_bf16") for k in keys) is (rows == "bf16")
+    assert f"compiled_fast_fused_ce_{rows}" in keys
+    assert ("float16" in matmul_dtypes(s)) is (rows == "fp16")
+    assert any(line.startswith("fp16:") for line in skipped) is (rows == "fp32")
+
+
 def test_every_path_has_its_own_key():
     keys = [p.key for p in TRAIN_PATHS + GEN_PATHS]
     assert len(set(keys)) == len(keys)
@@ -197,14 +213,14 @@ def test_quick_run_finds_every_row_by_name_in_any_order(small_tiny, one_thread, 
     monkeypatch.setattr(speed_paths, "GEN_PATHS", GEN_PATHS[::-1])
     out = tmp_path / "results.json"
     benchmark.main(["--quick", "--repeats", "1", "--no-memory", "--context", "16",
-                    "--new-tokens", "8", "--matmul-size", "128", "--bf16", "on",
+                    "--new-tokens", "8", "--matmul-size", "128", "--bf16", "on", "--fp16", "on",
                     "--peak-tflops", "1.0", "--device", "cpu", "--json", str(out)])
     printed, r = capsys.readouterr().out, json.loads(out.read_text())
     m, s = r["machine"], r["setup"]
     assert m["cpu"] in printed and f"torch {m['torch']}" in printed
     assert (s["model"], s["repeats"], s["context"]) == ("tiny", 1, 16)
     assert s["flops_per_token"] == flops_per_token(SMALL_VOCAB, 16)
-    assert set(r["peak_gflops"]) == {"float32", "bfloat16"}
+    assert set(r["peak_gflops"]) == {"float32", "bfloat16", "float16"}
     kept = s["keep_memory_rows"]
     assert list(r["train"]) == [p.key for p in TRAIN_PATHS[::-1] if kept or not p.keep_memory]
     assert list(r["generate"]) == [p.key for p in GEN_PATHS[::-1]]
@@ -221,7 +237,8 @@ def test_quick_run_finds_every_row_by_name_in_any_order(small_tiny, one_thread, 
         assert row["gflops"] == pytest.approx(row["tokens_per_s"]["median"] * s["flops_per_token"] / 1e9)
         assert row["fraction_of_peak"] == pytest.approx(
             row["gflops"] / r["peak_gflops"][row["dtype"]]["median"])
-        assert ("mfu" in row) == (row["dtype"] == "bfloat16")  # against --peak-tflops 1.0
+        assert ("mfu" in row) == (row["dtype"] in ("bfloat16", "float16"))  # --peak-tflops 1.0
+    assert r["train"]["fast_fused_ce_fp16"]["dtype"] == "float16"  # loss-scaled rows ran too
     fast32, fast16 = r["generate"]["cache_fast"], r["generate"]["cache_fast_bf16_weights"]
     assert r["bf16_generation_vs_float32"] == pytest.approx(
         fast16["tokens_per_s"]["median"] / fast32["tokens_per_s"]["median"])

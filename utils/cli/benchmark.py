@@ -13,10 +13,14 @@ machine's peak), rotating the order, so a slow moment of the machine hits all of
 generation per path. Each row shows the median over the rounds and the slowest and fastest
 round; every ratio is the quotient of two printed medians. One warm-up round is not counted.
 
+The 16-bit rows follow chapter 8's `choose_precision`: bfloat16 autocast where it is native,
+float16 autocast with loss scaling on GPUs that have fast float16 but no bfloat16 (Colab's
+T4, V100, P100); `--bf16` and `--fp16` force them on or off.
+
 Training speed is also given as model FLOP/s: (6 N + 12 L H Q T) FLOPs per token, with N the
 parameters outside the embedding tables (PaLM, appendix B), and as a fraction of the measured
-matmul peak of the row's number format; on CUDA also against the data-sheet bfloat16 peak
-(model FLOPs utilisation, MFU). Peak memory: on CUDA the allocator's peak during the row's
+matmul peak of the row's number format; on CUDA also against the data-sheet 16-bit peak
+(bfloat16, or float16 on a T4 or V100: model FLOPs utilisation, MFU). Peak memory: on CUDA the allocator's peak during the row's
 runs; on CPU the peak resident size of a fresh process that runs only that row
 (`utils.core.timing.run_in_fresh_process`; Python and PyTorch included, about 0.3 GB); not
 on an Apple GPU (MPS), which keeps no peak counter (the results say so under `skipped`). On
@@ -66,10 +70,12 @@ QUICK = {"model": "tiny", "batch_size": 2, "context": 64, "repeats": 3, "new_tok
 LEGEND = ("fast modules = SDPA attention + F.layer_norm + F.gelu (set_impl 'fast'); AdamW = "
           "torch.optim.AdamW as chapter 5 builds it; CE = cross-entropy (fused: "
           "fused_cross_entropy); bf16 autocast keeps float32 weights and casts them per forward "
-          "pass; bf16 weights = bf16_inference_model (converted once, bfloat16 KV cache); "
+          "pass; fp16 autocast does the same in float16, with GradScaler's loss scaling; "
+          "bf16 weights = bf16_inference_model (converted once, bfloat16 KV cache); "
           "freed memory kept = keep_freed_memory()")
 
-# Dense bfloat16 tensor-core peaks from the vendors' data sheets, in TFLOPS (first match wins).
+# Dense 16-bit tensor-core peaks from the vendors' data sheets, in TFLOPS (first match wins):
+# bfloat16, or float16 for the GPUs without bfloat16 (T4, V100), whose 16-bit rows are float16.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
                     "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
                     "RTX 4090": 165.0, "RTX 3090": 71.0, "T4": 65.0, "V100": 125.0}
@@ -177,7 +183,7 @@ def _train_rows(s: PathSettings, paths: dict[str, TrainPath], seconds: dict, mat
         rows[key] = {"label": path.label, "dtype": path.dtype, **rates[key], "gflops": gflops,
                      "fraction_of_peak": gflops / peak if gflops and peak else None,
                      "peak_mem_mb": memory_mb.get(key)}
-        if data_sheet and path.bf16 and gflops:
+        if data_sheet and (path.bf16 or path.fp16) and gflops:
             rows[key]["mfu"] = gflops / (data_sheet * 1e3)
     return rows
 
@@ -261,7 +267,8 @@ def _size_problem(model: str, batch_size: int, context: int, repeats: int, new_t
 
 def run_benchmark(model: str = "gpt2-small", batch_size: int = 2, context: int = 256,
                   repeats: int = 5, new_tokens: int = 200, device="cpu", memory: bool = True,
-                  compile: bool = False, bf16: str | bool = "auto", keep_memory: bool = True,
+                  compile: bool = False, bf16: str | bool = "auto", fp16: str | bool = "auto",
+                  keep_memory: bool = True,
                   matmul_size: int = 2048, peak_tflops: float | None = None,
                   profile: bool = True, progress: bool = True) -> dict:
     """Time every training and generation path side by side; returns the results, with one
@@ -270,7 +277,7 @@ def run_benchmark(model: str = "gpt2-small", batch_size: int = 2, context: int =
     if problem:
         raise ValueError(problem)
     s, skipped = resolve_settings(model, batch_size, context, repeats, new_tokens, device,
-                                  bf16, compile, keep_memory, matmul_size)
+                                  bf16, compile, keep_memory, matmul_size, fp16)
     train_paths, gen_paths = select_train_paths(s), select_gen_paths(s)
     seconds, memory_mb, profiled = _time_training(s, train_paths, profile, progress)
     gen_seconds, outputs, gen_memory_mb = _time_generation(s, gen_paths, progress)
@@ -384,7 +391,8 @@ def plot_results(results: dict, path=None):
         ratios = [r["ratio"] for r in rows]  # min and max relative to the baseline, like the ratio:
         low = [r["ratio"] * (1 - r["tokens_per_s"]["min"] / r["tokens_per_s"]["median"]) for r in rows]
         high = [r["ratio"] * (r["tokens_per_s"]["max"] / r["tokens_per_s"]["median"] - 1) for r in rows]
-        colors = ["tab:orange" if "bf16" in r["label"] else "tab:blue" for r in rows]
+        colors = ["tab:orange" if "bf16" in r["label"] or "fp16" in r["label"] else "tab:blue"
+                  for r in rows]
         ax.barh(range(len(rows)), ratios, xerr=[low, high], color=colors, capsize=2)
         ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
         ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
@@ -394,7 +402,7 @@ def plot_results(results: dict, path=None):
         ax.set_title(title)
     m = results["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cpu_threads']} threads, ATen {m['cpu_capability']}"
-    fig.suptitle(f"{results['setup']['model']} on {where} (orange: bfloat16)", fontsize=9)
+    fig.suptitle(f"{results['setup']['model']} on {where} (orange: 16-bit)", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
@@ -418,13 +426,15 @@ def _parser() -> argparse.ArgumentParser:
     add("--repeats", type=int, help="paired training rounds (default 5)")
     add("--device", default=None, help="cpu, cuda, mps (default: best found)")
     add("--bf16", choices=["auto", "on", "off"], default="auto")
+    add("--fp16", choices=["auto", "on", "off"], default="auto",
+        help="float16 rows with loss scaling (auto: on GPUs with fast float16 but no bfloat16)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="also time compiled blocks (default: on for CUDA, off elsewhere)")
     add("--no-keep-memory", action="store_true", help="leave out the rows that keep freed memory")
     add("--no-memory", action="store_true", help="skip the CPU memory runs")
     add("--no-profile", action="store_true", help="skip the profiled steps")
     add("--matmul-size", type=int, help="side of the peak matrix product (default 2048; 8192 on CUDA)")
-    add("--peak-tflops", type=float, help="device bf16 peak, for MFU")
+    add("--peak-tflops", type=float, help="device 16-bit peak (bf16, or fp16), for MFU")
     add("--json", type=Path, help="also write the results here")
     add("--plot", type=Path, help="also save the chart here")
     return parser
@@ -525,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_benchmark(**chosen, device=args.device, memory=not args.no_memory,
                             compile=cuda if args.compile is None else args.compile,
                             bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
+                            fp16={"auto": "auto", "on": True, "off": False}[args.fp16],
                             keep_memory=not args.no_keep_memory, peak_tflops=args.peak_tflops,
                             profile=not args.no_profile)
     print(format_results(results))

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from utils.core.timing import sync_device
 from utils.fast import (CachedGPT, autocast_bf16, bf16_inference_model, bf16_supported,
-                        compile_model, fused_adamw, fused_cross_entropy, keep_freed_memory,
-                        set_impl)
+                        compile_model, fp16_fast, fused_adamw, fused_cross_entropy,
+                        keep_freed_memory, set_impl)
 from utils.generation import generate
 from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTModel
 
@@ -52,10 +52,11 @@ class TrainPath:
     bf16: bool = False  # forward pass under bfloat16 autocast
     keep_memory: bool = False  # keep_freed_memory() during the step
     compiled: bool = False  # transformer blocks compiled (compile_model)
+    fp16: bool = False  # forward pass under float16 autocast, the loss scaled (GradScaler)
 
     @property
     def dtype(self) -> str:
-        return "bfloat16" if self.bf16 else "float32"
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ class GenPath:
 
 
 _FAST = "fast modules, fused AdamW"
-TRAIN_PATHS = (  # the bf16 rows run where bfloat16 is native, the "kept" rows on a Linux CPU
+TRAIN_PATHS = (  # the bf16 rows run where bfloat16 is native, the fp16 rows where only float16
+    # is fast (choose_precision's float16 GPUs: T4, V100, P100), the "kept" rows on a Linux CPU
     TrainPath("teaching_fp32", "teaching modules, AdamW, float32", "teaching"),
     TrainPath("sdpa_fp32", "SDPA attention, AdamW, float32", "sdpa"),
     TrainPath("fast_fp32", "fast modules, AdamW, float32", "fast"),
@@ -82,7 +84,11 @@ TRAIN_PATHS = (  # the bf16 rows run where bfloat16 is native, the "kept" rows o
     TrainPath("fast_fused_ce_bf16", f"{_FAST}, fused CE, bf16 autocast", "fast", True, True,
               bf16=True),
     TrainPath("fast_fused_ce_bf16_kept", f"{_FAST}, fused CE, bf16 autocast, freed memory kept",
-              "fast", True, True, bf16=True, keep_memory=True))
+              "fast", True, True, bf16=True, keep_memory=True),
+    TrainPath("teaching_fp16", "teaching modules, AdamW, fp16 autocast, loss scaling", "teaching",
+              fp16=True),
+    TrainPath("fast_fused_ce_fp16", f"{_FAST}, fused CE, fp16 autocast, loss scaling", "fast",
+              True, True, fp16=True))
 GEN_PATHS = (
     GenPath("no_cache", "no cache, teaching modules, float32", "teaching", cache=False),
     GenPath("cache_teaching", "KV cache (SDPA attention), teaching LayerNorm/GELU, float32",
@@ -108,6 +114,7 @@ class PathSettings:
     compile: bool
     keep_memory: bool
     matmul_size: int
+    fp16: bool = False  # the float16 rows (with loss scaling) run
 
     @property
     def cfg(self):
@@ -122,9 +129,10 @@ class PathSettings:
 
 def resolve_settings(model: str, batch_size: int, context: int, repeats: int, new_tokens: int,
                      device, bf16: str | bool, compile: bool, keep_memory: bool,
-                     matmul_size: int) -> tuple[PathSettings, list[str]]:
-    """Check the sizes, decide bfloat16 ("auto": where native) and keeping freed memory (on a
-    glibc CPU) for this machine; returns the settings and what is left out, and why."""
+                     matmul_size: int, fp16: str | bool = "auto") -> tuple[PathSettings, list[str]]:
+    """Check the sizes, decide bfloat16 ("auto": where native), float16 ("auto": where it is
+    fast and bfloat16 is not, as choose_precision decides) and keeping freed memory (on a glibc
+    CPU) for this machine; returns the settings and what is left out, and why."""
     if model not in MODELS:
         raise ValueError(f"Unknown model {model!r}; choose one of {list(MODELS)}")
     length = MODELS[model].context_length
@@ -137,16 +145,21 @@ def resolve_settings(model: str, batch_size: int, context: int, repeats: int, ne
            if device.type == "cpu" else "")
     skipped = [] if use_bf16 else [f"bf16: {device} has no native bfloat16{why}; it would be "
                                    f"emulated, so it is left out (--bf16 on forces it)"]
+    use_fp16 = fp16_fast(device) if fp16 == "auto" else bool(fp16)
+    if not use_fp16 and fp16 == "auto" and device.type == "cuda" and not use_bf16:
+        skipped.append(f"fp16: {device} has no fast float16 either (--fp16 on forces it)")
     if keep_memory and device.type == "cpu" and not keep_freed_memory(False):
         keep_memory = False
         skipped.append("freed memory kept: this C library has no mallopt (not glibc)")
     keep_memory = keep_memory and device.type == "cpu"  # CUDA memory has its own cache
     return PathSettings(model, batch_size, context, repeats, new_tokens, str(device), use_bf16,
-                        compile, keep_memory, matmul_size), skipped
+                        compile, keep_memory, matmul_size, use_fp16), skipped
 
 
 def best_train_key(s: PathSettings) -> str:
     """The fastest uncompiled training path that runs here."""
+    if s.fp16 and not s.bf16:
+        return "fast_fused_ce_fp16"
     return f"fast_fused_ce_{'bf16' if s.bf16 else 'fp32'}" + ("_kept" if s.keep_memory else "")
 
 
@@ -154,7 +167,8 @@ def select_train_paths(s: PathSettings) -> dict[str, TrainPath]:
     """The training paths that run here, by key, in TRAIN_PATHS's order (and a compiled copy
     of the fastest one if asked)."""
     paths = {p.key: p for p in TRAIN_PATHS
-             if (s.bf16 or not p.bf16) and (s.keep_memory or not p.keep_memory)}
+             if (s.bf16 or not p.bf16) and (s.fp16 or not p.fp16)
+             and (s.keep_memory or not p.keep_memory)}
     if s.compile:
         best = paths[best_train_key(s)]
         paths["compiled_" + best.key] = dataclasses.replace(
@@ -177,12 +191,12 @@ def flops_per_token(cfg, context: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim * context
 
 
-def _bf16_autocast(device: torch.device, enabled: bool):
-    """A bfloat16 autocast region on `device` if `enabled`, else none at all: PyTorch 2.4
-    refuses `torch.autocast("mps", ...)` even with enabled=False (it has no MPS autocast)."""
-    if not enabled:
+def _autocast(device: torch.device, path: TrainPath):
+    """The path's autocast region on `device` (bfloat16 or float16), else none at all: PyTorch
+    2.4 refuses `torch.autocast("mps", ...)` even with enabled=False (it has no MPS autocast)."""
+    if not (path.bf16 or path.fp16):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if path.bf16 else torch.float16)
 
 
 def _out_of_memory(err: RuntimeError) -> bool:
@@ -227,12 +241,13 @@ class PathTrainer:
         shape = (s.batch_size, s.context)
         self.x = torch.randint(0, cfg.vocab_size, shape, device=self.device)
         self.y = torch.randint(0, cfg.vocab_size, shape, device=self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type)  # for the float16 rows only
         self.compiled = None if compiled_path is None else self._compile(compiled_path)
 
     def _compile(self, path: TrainPath):
         fast = set_impl(GPTModel(self.model.cfg), "fast").to(self.device).train()
         fast.load_state_dict(self.model.state_dict())
-        with _bf16_autocast(self.device, path.bf16):
+        with _autocast(self.device, path):
             fast = compile_model(fast, self.x)  # builds the graph that will run
         return fast, fused_adamw(fast.parameters(), lr=4e-4, weight_decay=0.1)
 
@@ -259,14 +274,19 @@ class PathTrainer:
 
     def _step(self, model, optimizer, path: TrainPath) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with _bf16_autocast(self.device, path.bf16):
+        with _autocast(self.device, path):
             logits = model(self.x)  # (B, T, V)
         if path.fused_ce:
             loss = fused_cross_entropy(logits.flatten(0, 1), self.y.flatten())
         else:  # chapter 5's loss, on float32 logits as autocast_bf16 returns them
             loss = F.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
-        loss.backward()
-        optimizer.step()
+        if path.fp16:  # the loss scaled, the step skipped if a gradient overflowed
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
 
 
 class PathGenerator:
@@ -297,7 +317,9 @@ class PathGenerator:
 
 
 def matmul_dtypes(s: PathSettings) -> dict[str, torch.dtype]:
-    """The number formats whose matrix-product peak is measured: float32, and bfloat16 if on."""
-    return {"float32": torch.float32, **({"bfloat16": torch.bfloat16} if s.bf16 else {})}
+    """The number formats whose matrix-product peak is measured: float32, and bfloat16 and
+    float16 where their rows run."""
+    return {"float32": torch.float32, **({"bfloat16": torch.bfloat16} if s.bf16 else {}),
+            **({"float16": torch.float16} if s.fp16 else {})}
 
 
