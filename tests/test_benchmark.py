@@ -19,7 +19,7 @@ from utils.cli.speed_paths import (GEN_PATHS, TRAIN_PATHS, flops_per_token, matm
                                    resolve_settings, select_train_paths)
 from utils.core.timing import (CPU_FLAGS, describe_machine, paired_rounds, peak_rss_bytes,
                                rate_table, run_in_fresh_process, spread, timed)
-from utils.model import GPT2_SMALL_124M, GPT_TINY
+from utils.model import GPT2_SMALL_124M, GPT_TINY, GPTModel
 
 # The tiny config with a smaller vocabulary (the prompt's IDs go up to 15,496): the output
 # layer dominates the tiny model's step, so this makes every step about three times cheaper.
@@ -376,3 +376,36 @@ def test_retrain_compares_the_records_not_the_printed_log(short_story, one_threa
     last, best = teaching["evals"][-1], min(e["val_loss"] for e in teaching["evals"])
     assert f"{last['train_loss']:>11.3f} {last['val_loss']:>9.3f} {best:>8.3f}" in printed
     assert "fast retrain / chapter 5 wall time" in printed
+
+
+def test_the_decode_benchmark_times_every_path_beside_transformers(one_thread, tmp_path, capsys):
+    from utils.cli import decode_benchmark
+    out = tmp_path / "decode.json"
+    assert decode_benchmark.main(["--quick", "--models", "tiny-gpt", "tiny-qwen3", "--rounds", "1",
+                                  "--new-tokens", "6", "--no-quality", "--json", str(out)]) == 0
+    r, printed = json.loads(out.read_text()), capsys.readouterr().out
+    assert r["bandwidth_gb_per_s"] > 0 and list(r["models"]) == ["tiny-gpt", "tiny-qwen3"]
+    for timed in r["models"].values():
+        rows = timed["rows"]
+        assert list(rows) == ["fp32", "bf16", "int8", "hf_fp32", "hf_bf16"]
+        assert timed["greedy_same_as_transformers_fp32"] is True  # the same weights, the same tokens
+        fp32, bf16, int8 = (rows[k]["weight_bytes_per_token"] for k in ("fp32", "bf16", "int8"))
+        assert bf16 == pytest.approx(fp32 / 2, rel=0.01) and int8 < 0.3 * fp32  # + scales
+        for key, row in rows.items():
+            rate = row["tokens_per_s"]["median"]
+            assert row["gb_per_s"] == pytest.approx(rate * row["weight_bytes_per_token"] / 1e9)
+            assert row["fraction_of_limit"] == pytest.approx(row["gb_per_s"] / r["bandwidth_gb_per_s"])
+            assert row["label"] in printed
+        assert rows["fp32"]["vs_transformers"] == pytest.approx(
+            rows["fp32"]["tokens_per_s"]["median"] / rows["hf_fp32"]["tokens_per_s"]["median"])
+    assert set(r["profile"]) == {"fp32", "int8"}
+    assert any(op["op"] == "aten::_weight_int8pack_mm" for op in r["profile"]["int8"]["top"])
+
+
+def test_gpt_to_hf_gives_transformers_the_same_logits():
+    from utils.cli.decode_benchmark import gpt_to_hf
+    torch.manual_seed(0)
+    model = GPTModel(dataclasses.replace(GPT_TINY, qkv_bias=True)).eval()
+    x = torch.randint(0, GPT_TINY.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(gpt_to_hf(model)(x).logits, model(x), atol=1e-4, rtol=1e-4)

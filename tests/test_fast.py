@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from utils.attention import MultiHeadAttention
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.fast import (BF16Linear, CachedGPT, CachedModel, FastGELU, FastLayerNorm, KVCache,
-                        Precision, SDPAttention, autocast_bf16, bf16_inference_model,
-                        bf16_supported, choose_precision, compile_model, fast_loss_batch, forward_with_cache, fused_adamw,
-                        fused_cross_entropy, set_impl, train_model_fast)
+from utils.fast import (BF16Linear, CachedGPT, CachedModel, FastGELU, FastLayerNorm, Int8Linear,
+                        KVCache, Precision, SDPAttention, autocast_bf16, bf16_inference_model,
+                        bf16_supported, choose_precision, compile_model, fast_loss_batch,
+                        forward_with_cache, fused_adamw, fused_cross_entropy,
+                        int8_inference_model, set_impl, train_model_fast)
 from utils.generation import generate
 from utils.model import GPT_TINY, GPTModel, generate_text_simple
 from utils.train import calc_loss_batch, generate_and_print_sample, train_model_simple
@@ -656,3 +657,79 @@ def test_float32_opens_no_autocast_region_at_all():
     assert isinstance(Precision("fp32").autocast("mps"), contextlib.nullcontext)
     with Precision("bf16").autocast("cpu"):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+# --- 8-bit weights ----------------------------------------------------------------------------
+
+def test_int8_weights_stay_within_half_a_step_of_their_row():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 24)
+    layer = Int8Linear(linear)
+    step = layer.scales.float()[:, None]
+    assert layer.weight.dtype == torch.int8 and layer.weight.abs().max() <= 127
+    assert ((layer.dequantized() - linear.weight).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(5, 64)
+    reference = x.bfloat16().float() @ layer.dequantized().T + linear.bias
+    assert _relative(layer(x).float(), reference) < 1e-2  # the kernel: bfloat16 products
+    assert _relative(layer(x).float(), linear(x)) < 2e-2  # and the float32 layer
+
+
+def test_the_int8_product_falls_back_to_dequantizing_where_the_kernel_is_missing(monkeypatch):
+    import utils.core.int8 as int8
+    x = torch.randn(3, 32).bfloat16()
+    weight = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
+    scales = torch.rand(8).bfloat16()
+    with_kernel = int8.int8_weight_matmul(x, weight, scales).float()
+    int8.int8_kernel_available.cache_clear()
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    try:
+        assert int8.int8_kernel_available("cpu") is False
+        without = int8.int8_weight_matmul(x, weight, scales).float()
+    finally:
+        int8.int8_kernel_available.cache_clear()
+    assert _relative(without, with_kernel) < 1e-2
+
+
+def test_int8_greedy_generation_agrees_with_float32_where_the_margin_is_clear():
+    """On a trained model: the same greedy tokens wherever the top two logits lie further
+    apart than twice the most int8 moved any logit, and the logits within 2% of float32's."""
+    model, cycle = _confident_model()
+    quantized = int8_inference_model(model)
+    assert isinstance(quantized.out_head, Int8Linear) and not isinstance(model.out_head, Int8Linear)
+    prompts = torch.stack([cycle[i:i + 4] for i in (0, 7, 19)])
+    fp32 = generate_text_simple(CachedGPT(model), prompts, 30, SMALL_VOCAB.context_length)
+    int8 = generate_text_simple(CachedGPT(quantized), prompts, 30, SMALL_VOCAB.context_length)
+    with torch.no_grad():
+        logits32 = model(fp32)[:, 3:-1]
+        logits8 = quantized(fp32)[:, 3:-1].float()
+    assert _relative(logits8, logits32) < 0.02
+    top2 = logits32.topk(2, dim=-1).values
+    clear = top2[..., 0] - top2[..., 1] > 2 * (logits8 - logits32).abs().amax(dim=-1)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(logits8.argmax(-1)[clear], logits32.argmax(-1)[clear])
+    if clear.all():
+        assert torch.equal(int8, fp32)
+
+
+def test_llama_models_generate_the_same_greedy_tokens_in_bf16_and_int8_weights():
+    from utils.llama import QWEN3_TINY, CachedLlama, LlamaModel
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(QWEN3_TINY, vocab_size=256)
+    model = LlamaModel(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    cycle = torch.randperm(256)[:40]
+    data = cycle.repeat(4)
+    windows = torch.stack([data[i:i + 33] for i in range(0, 120, 3)])
+    for _ in range(40):  # a trained model: the cycle continues with large margins
+        optimizer.zero_grad()
+        calc_loss_batch(windows[:, :-1], windows[:, 1:], model, "cpu").backward()
+        optimizer.step()
+    model.eval()
+    prompts = torch.stack([cycle[i:i + 4] for i in (0, 7, 19)])
+    fp32 = generate_text_simple(CachedLlama(model), prompts, 30, cfg.context_length)
+    for convert in (bf16_inference_model, int8_inference_model):
+        fast = _quiet(convert, model)
+        assert torch.equal(generate_text_simple(CachedLlama(fast), prompts, 30, cfg.context_length),
+                           fp32), convert.__name__
+        with torch.no_grad():
+            assert _relative(fast(fp32).float(), model(fp32)) < 0.03

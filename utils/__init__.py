@@ -45,8 +45,8 @@ written from their notebook's `#| export` cells; hand-written ones say so:
 - `utils.fast` (notebooks/08_going_faster.ipynb): SDPAttention, FastLayerNorm, FastGELU,
   set_impl, KVCache, forward_with_cache, CachedModel, CachedGPT, bf16_supported,
   autocast_bf16, fp16_fast, PRECISIONS, Precision, choose_precision, BF16Linear,
-  bf16_inference_model, fused_adamw, compile_model, fused_cross_entropy, fast_loss_batch,
-  keep_freed_memory, train_model_fast
+  bf16_inference_model, Int8Linear, int8_inference_model, fused_adamw, compile_model,
+  fused_cross_entropy, fast_loss_batch, keep_freed_memory, train_model_fast
 - `utils.llama` (notebooks/09_gpt_to_llama.ipynb): RopeScaling, LlamaConfig, LLAMA32_1B,
   QWEN3_0_6B, LLAMA_TINY, QWEN3_TINY, RMSNorm, rope_frequencies, rope_angles, rope_tables,
   apply_rope, SwiGLUFeedForward, GroupedQueryAttention, kv_cache_bytes, LlamaBlock,
@@ -60,6 +60,7 @@ Infrastructure, below every chapter:
 - `utils.core.download`: Fetching the course's data files, online or offline
 - `utils.core.env`: Reading the course's switches from environment variables: one rule for
   yes/no switches and one for numbers, so every switch reads alike
+- `utils.core.int8`: PyTorch's matrix product with 8-bit weights, behind one door
 - `utils.core.messages`: Wording shared by the course's error messages
 - `utils.core.onednn`: oneDNN's bfloat16 matrix products for the CPU, behind one door
 - `utils.core.paths`: Where the course keeps files on disk
@@ -74,6 +75,8 @@ Commands (`python -m utils.cli.NAME`), built on every chapter:
 - `utils.cli.bpe_benchmark`: Training and encoding speed of the from-scratch BPE tokenizer
   next to Hugging Face `tokenizers` and tiktoken, measured side by side
 - `utils.cli.chat`: Chat with your instruction-finetuned model in a terminal
+- `utils.cli.decode_benchmark`: Generation against the memory-bandwidth limit, side by side
+  with Hugging Face `transformers`
 - `utils.cli.pretrain`: Pretraining from the command line, on one process or many
 - `utils.cli.profile_step`: Where one training step spends its time, by group of PyTorch
   operators

@@ -13,7 +13,7 @@ functions of chapters 4 and 5. Shapes: B batch, T tokens, C embedding dim, H hea
 D head dim, V vocabulary size, N tokens of a batch (B x T).
 """
 
-__all__ = ["SDPAttention", "FastLayerNorm", "FastGELU", "set_impl", "KVCache", "forward_with_cache", "CachedModel", "CachedGPT", "bf16_supported", "autocast_bf16", "fp16_fast", "PRECISIONS", "Precision", "choose_precision", "BF16Linear", "bf16_inference_model", "fused_adamw", "compile_model", "fused_cross_entropy", "fast_loss_batch", "keep_freed_memory", "train_model_fast"]
+__all__ = ["SDPAttention", "FastLayerNorm", "FastGELU", "set_impl", "KVCache", "forward_with_cache", "CachedModel", "CachedGPT", "bf16_supported", "autocast_bf16", "fp16_fast", "PRECISIONS", "Precision", "choose_precision", "BF16Linear", "bf16_inference_model", "Int8Linear", "int8_inference_model", "fused_adamw", "compile_model", "fused_cross_entropy", "fast_loss_batch", "keep_freed_memory", "train_model_fast"]
 
 
 import contextlib
@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.attention import MultiHeadAttention, check_context_length
+from utils.core.int8 import int8_weight_matmul
 from utils.core.onednn import cpu_has_native_bf16, pack_bf16_weight, packed_bf16_linear
 from utils.model import GELU, GPTModel, LayerNorm, generate_text_simple
 from utils.train import TrainingHistory, evaluate_model, text_to_token_ids, token_ids_to_text
@@ -380,6 +381,47 @@ def bf16_inference_model(model: GPTModel) -> GPTModel:
             module.to(torch.bfloat16)
             if device.type == "cpu" and native:
                 module.packed = pack_bf16_weight(module.weight)  # None: F.linear instead
+    return copied
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and one bfloat16 scale per output row (weight-only
+    quantization, symmetric): takes any input, computes in bfloat16, returns bfloat16."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()  # (out, in)
+        step = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,): the row's step
+        scale = (step * (1 + 2**-7)).to(torch.bfloat16)  # the kernel's format, rounded up:
+        quantized = torch.round(weight / scale.float()[:, None]).to(torch.int8)  # |q| <= 127
+        self.register_buffer("weight", quantized)  # (out, in) int8: a quarter of float32
+        self.register_buffer("scales", scale)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, in)
+        out = int8_weight_matmul(rows, self.weight, self.scales)  # (N, out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight the layer computes with, (out, in)."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+
+@torch.no_grad()
+def int8_inference_model(model: nn.Module) -> nn.Module:
+    """A copy of `model` (a GPTModel, or chapter 9's LlamaModel) for generation, every linear
+    layer replaced by an `Int8Linear`; embeddings and norms stay float32."""
+    copied = copy.deepcopy(model).eval().requires_grad_(False)
+    copied.__dict__.pop("forward", None)  # the class's own forward, not autocast_bf16's
+    for parent in list(copied.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child))
     return copied
 
 

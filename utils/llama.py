@@ -223,6 +223,8 @@ class GroupedQueryAttention(nn.Module):
         queries = apply_rope(queries.transpose(1, 2), cos, sin)  # (B, H, T, D)
         keys = apply_rope(keys.transpose(1, 2), cos, sin)  # (B, G, T, D)
         values = values.transpose(1, 2)  # (B, G, T, D)
+        queries, keys = queries.to(values.dtype), keys.to(values.dtype)  # RoPE's tables are
+        # float32: with bfloat16 or int8 layers (chapter 8) all three stay in 16 bits
         start = 0
         if cache is not None:  # the cache keeps G heads per layer: the memory GQA saves
             keys, values = cache.append(layer, keys, values)  # (B, G, start + T, D)
