@@ -398,8 +398,15 @@ def test_the_decode_benchmark_times_every_path_beside_transformers(one_thread, t
             assert row["label"] in printed
         assert rows["fp32"]["vs_transformers"] == pytest.approx(
             rows["fp32"]["tokens_per_s"]["median"] / rows["hf_fp32"]["tokens_per_s"]["median"])
-    assert set(r["profile"]) == {"fp32", "int8"}
-    assert any(op["op"] == "aten::_weight_int8pack_mm" for op in r["profile"]["int8"]["top"])
+    assert list(r["profile"]) == ["tiny-gpt", "tiny-qwen3"]
+    for paths in r["profile"].values():
+        assert list(paths) == ["fp32", "bf16", "int8"]
+        for prof in paths.values():  # the products and the rest add up to the operators' time
+            assert prof["steps"] == 6 and prof["wall_ms_per_token"] > 0
+            assert 0 < prof["products_ms"] < prof["ms_per_token"]
+            assert prof["products_ms"] + prof["other_ms"] == pytest.approx(prof["ms_per_token"])
+            assert all(o["op"] not in decode_benchmark.PRODUCT_OPS for o in prof["top_other"])
+    assert "profile of 6 generation steps" in printed and "tiny-qwen3, int8" in printed
 
 
 def test_gpt_to_hf_gives_transformers_the_same_logits():

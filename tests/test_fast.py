@@ -2,6 +2,7 @@
 is timed; speed is measured by `python -m utils.cli.benchmark`."""
 
 import contextlib
+import copy
 import dataclasses
 import io
 import os
@@ -105,10 +106,29 @@ def test_cached_sampling_is_identical():
     assert torch.equal(*runs)
 
 
+def test_cached_model_returns_the_last_positions_logits_unless_asked_for_all():
+    model = _model()
+    idx = torch.randint(0, GPT_TINY.vocab_size, (2, 6))
+    with torch.no_grad():
+        full = model(idx)
+        last = CachedGPT(model)(idx)
+        assert last.shape == (2, 1, GPT_TINY.vocab_size)
+        torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+        cache = KVCache(GPT_TINY.n_layers, GPT_TINY.context_length)
+        head_rows = []
+        hook = model.out_head.register_forward_hook(
+            lambda mod, args, out: head_rows.append(args[0].shape[1]))
+        try:
+            forward_with_cache(model, idx, cache, last_only=True)
+        finally:
+            hook.remove()
+        assert head_rows == [1] and cache.length == 6  # every position cached, one scored
+
+
 def test_cached_logits_match_full_forward_at_every_step():
     model = _model()
     idx = torch.randint(0, GPT_TINY.vocab_size, (2, 6))
-    cached_model = CachedGPT(model)
+    cached_model = CachedGPT(model, all_logits=True)
     with torch.no_grad():
         first = cached_model(idx)
         assert first.shape == (2, 6, GPT_TINY.vocab_size)  # the prompt: every position
@@ -129,11 +149,11 @@ def test_cache_is_not_reused_for_a_different_prompt():
     b = torch.randint(0, GPT_TINY.vocab_size, (1, 8))
     with torch.no_grad():
         cached_model(a)
-        torch.testing.assert_close(cached_model(b), model(b), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached_model(b), model(b)[:, -1:], atol=1e-5, rtol=0)
         longer_b = torch.cat([b, a[:, :3]], dim=1)  # a longer sequence that does not extend a
         torch.testing.assert_close(cached_model(longer_b)[:, -1], model(longer_b)[:, -1],
                                    atol=1e-5, rtol=0)
-        torch.testing.assert_close(cached_model(b[:1, :4]), model(b[:1, :4]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached_model(b[:1, :4]), model(b[:1, :4])[:, -1:], atol=1e-5, rtol=0)
 
 
 def test_past_the_context_the_cache_gives_the_same_tokens():
@@ -311,6 +331,27 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def test_fused_qkv_computes_what_the_three_layers_did():
+    from utils.fast import fuse_qkv
+    from utils.lora import replace_linear_with_lora
+    for impl in ("teaching", "fast"):
+        model = _model(impl=impl)
+        idx = torch.randint(0, GPT_TINY.vocab_size, (2, 9))
+        with torch.no_grad():
+            expected = model(idx)
+            fused = fuse_qkv(copy.deepcopy(model))
+            att = fused.trf_blocks[0].att
+            assert not hasattr(att, "W_query") and att.W_qkv.out_features == 3 * att.d_out
+            torch.testing.assert_close(fused(idx), expected, atol=1e-5, rtol=0)
+            cache = KVCache(GPT_TINY.n_layers, GPT_TINY.context_length)
+            torch.testing.assert_close(forward_with_cache(fused, idx, cache), expected,
+                                       atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    lora = _model()
+    replace_linear_with_lora(lora, rank=2, alpha=4)
+    assert not hasattr(fuse_qkv(lora).trf_blocks[0].att, "W_qkv")  # LoRA layers stay apart
+
+
 def _relative(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -324,7 +365,12 @@ def test_bf16_inference_model_is_a_converted_copy():
     assert linears and all(type(m) is BF16Linear and m.weight.dtype == torch.bfloat16
                            for m in linears)
     assert fast.tok_emb.weight.dtype == fast.final_norm.scale.dtype == torch.float32
-    assert list(fast.state_dict()) == list(before)  # the same names as any checkpoint
+    stacked = {k.replace("W_query", "W_qkv") for k in before if "W_key" not in k
+               and "W_value" not in k}  # the checkpoint's names, three projections as one
+    assert set(fast.state_dict()) == stacked
+    att, original = fast.trf_blocks[0].att, model.trf_blocks[0].att
+    assert torch.equal(att.W_qkv.weight, torch.cat([original.W_query.weight, original.W_key.weight,
+                                                    original.W_value.weight]).bfloat16())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
     assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
 
@@ -451,7 +497,7 @@ def test_bf16_inference_logits_and_cache_follow_float32():
     assert _relative(prefill, expected[:, :8]) < BF16_REL_TOL
     for t, step in zip(range(7, 12), steps):  # each decoded position against float32
         assert _relative(step, expected[:, t]) < BF16_REL_TOL
-    out = CachedGPT(fast)(idx)
+    out = CachedGPT(fast, all_logits=True)(idx)
     assert out.dtype == torch.float32 and out.shape == (2, 12, GPT_TINY.vocab_size)
 
 

@@ -198,7 +198,26 @@ def test_cached_llama_starts_over_for_a_new_prompt(pair):
     a, b = torch.randint(0, VOCAB, (1, 8)), torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         cached(a)
-        torch.testing.assert_close(cached(b), ours(b), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached(b), ours(b)[:, -1:], atol=1e-5, rtol=0)
+
+
+def test_both_ways_of_reading_shared_heads_give_the_reference_logits(pair, monkeypatch):
+    import utils.llama
+    cfg, theirs, ours = pair
+    torch.manual_seed(5)
+    idx = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        expected = theirs(idx).logits
+        for direct in (True, False):  # enable_gqa, or the repeat_interleave copy
+            if direct and not utils.llama.SDPA_ENABLE_GQA:
+                continue  # PyTorch before 2.5
+            monkeypatch.setattr(utils.llama, "SDPA_ENABLE_GQA", direct)
+            cache = KVCache(cfg.n_layers, capacity=64)
+            prefill = ours(idx[:, :20], cache, last_only=True)  # (B, 1, V): the head scores one
+            steps = [ours(idx[:, t:t + 1], cache) for t in range(20, 30)]
+            torch.testing.assert_close(prefill, expected[:, 19:20], atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.cat(steps, dim=1), expected[:, 20:], atol=1e-5, rtol=0)
+            torch.testing.assert_close(ours(idx), expected, atol=1e-5, rtol=0)
 
 
 def test_llama3_rope_scaling_is_exercised_and_matches_transformers():

@@ -102,6 +102,9 @@ def test_a_copy_says_only_what_is_true_where_it_runs():
                    for c in copy.cells if c.source.startswith("%%writefile utils/")}
         named = set(re.findall(r"-m utils\.cli\.(\w+)", text))
         assert {f"cli/{n}" for n in named} <= modules, name  # a command it names, it can run
+        for tool in set(re.findall(r"-m utils\.tools\.(\w+)", text)) - {"export"}:
+            assert f"tools/{tool}" in modules or re.search(  # or it says where the tool is
+                rf"utils\.tools\.{tool}[^`]*` \(a tool in the course's repository\)", text), (name, tool)
 
 
 def _run_standalone(name: str, folder: Path) -> nbformat.NotebookNode:

@@ -44,14 +44,15 @@ written from their notebook's `#| export` cells; hand-written ones say so:
   plot_dpo_history
 - `utils.fast` (notebooks/08_going_faster.ipynb): SDPAttention, FastLayerNorm, FastGELU,
   set_impl, KVCache, forward_with_cache, CachedModel, CachedGPT, bf16_supported,
-  autocast_bf16, fp16_fast, PRECISIONS, Precision, choose_precision, BF16Linear,
+  autocast_bf16, fp16_fast, PRECISIONS, Precision, choose_precision, fuse_qkv, BF16Linear,
   bf16_inference_model, Int8Linear, int8_inference_model, fused_adamw, compile_model,
   fused_cross_entropy, fast_loss_batch, keep_freed_memory, train_model_fast
 - `utils.llama` (notebooks/09_gpt_to_llama.ipynb): RopeScaling, LlamaConfig, LLAMA32_1B,
   QWEN3_0_6B, LLAMA_TINY, QWEN3_TINY, RMSNorm, rope_frequencies, rope_angles, rope_tables,
-  apply_rope, SwiGLUFeedForward, GroupedQueryAttention, kv_cache_bytes, LlamaBlock,
-  LlamaModel, CachedLlama, config_from_hf, load_hf_weights_into_llama, CHAT_STOP_TOKENS,
-  format_chat, HubTokenizer, load_llama_checkpoint, PRETRAINED_LLAMAS, load_pretrained_llama
+  apply_rope, SwiGLUFeedForward, SDPA_ENABLE_GQA, GroupedQueryAttention, kv_cache_bytes,
+  LlamaBlock, LlamaModel, CachedLlama, config_from_hf, load_hf_weights_into_llama,
+  CHAT_STOP_TOKENS, format_chat, HubTokenizer, load_llama_checkpoint, PRETRAINED_LLAMAS,
+  load_pretrained_llama
 
 Infrastructure, below every chapter:
 

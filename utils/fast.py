@@ -13,7 +13,7 @@ functions of chapters 4 and 5. Shapes: B batch, T tokens, C embedding dim, H hea
 D head dim, V vocabulary size, N tokens of a batch (B x T).
 """
 
-__all__ = ["SDPAttention", "FastLayerNorm", "FastGELU", "set_impl", "KVCache", "forward_with_cache", "CachedModel", "CachedGPT", "bf16_supported", "autocast_bf16", "fp16_fast", "PRECISIONS", "Precision", "choose_precision", "BF16Linear", "bf16_inference_model", "Int8Linear", "int8_inference_model", "fused_adamw", "compile_model", "fused_cross_entropy", "fast_loss_batch", "keep_freed_memory", "train_model_fast"]
+__all__ = ["SDPAttention", "FastLayerNorm", "FastGELU", "set_impl", "KVCache", "forward_with_cache", "CachedModel", "CachedGPT", "bf16_supported", "autocast_bf16", "fp16_fast", "PRECISIONS", "Precision", "choose_precision", "fuse_qkv", "BF16Linear", "bf16_inference_model", "Int8Linear", "int8_inference_model", "fused_adamw", "compile_model", "fused_cross_entropy", "fast_loss_batch", "keep_freed_memory", "train_model_fast"]
 
 
 import contextlib
@@ -38,8 +38,12 @@ def _split_heads(att: MultiHeadAttention, x: torch.Tensor):
     """Queries, keys and values of `x` (B, T, C), each (B, H, T, D)."""
     b, num_tokens, _ = x.shape
     shape = (b, num_tokens, att.num_heads, att.head_dim)
-    return tuple(proj(x).view(shape).transpose(1, 2)
-                 for proj in (att.W_query, att.W_key, att.W_value))
+    fused = getattr(att, "W_qkv", None)  # one layer for all three: see fuse_qkv (8.5)
+    if fused is not None:
+        projections = fused(x).split(att.d_out, dim=-1)
+    else:
+        projections = (att.W_query(x), att.W_key(x), att.W_value(x))
+    return tuple(p.view(shape).transpose(1, 2) for p in projections)
 
 
 class SDPAttention(MultiHeadAttention):
@@ -146,9 +150,11 @@ def _attend_cached(att: MultiHeadAttention, x: torch.Tensor, cache: KVCache,
     return att.out_proj(context_vec)  # (B, t, C)
 
 
-def forward_with_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits (B, t, V) for the new token IDs `idx` (B, t) that follow the cached positions;
-    their keys and values join the cache."""
+def forward_with_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache,
+                       last_only: bool = False) -> torch.Tensor:
+    """Logits (B, t, V) for the new token IDs `idx` (B, t) that follow the cached positions,
+    or only the last position's (B, 1, V) with `last_only`; their keys and values join the
+    cache."""
     num_new, start = idx.shape[1], cache.length
     if start + num_new > cache.capacity:
         raise ValueError(f"The cache holds {start} of {cache.capacity} positions and cannot "
@@ -158,23 +164,28 @@ def forward_with_cache(model: GPTModel, idx: torch.Tensor, cache: KVCache) -> to
     for layer, block in enumerate(model.trf_blocks):
         x = x + block.drop_shortcut(_attend_cached(block.att, block.norm1(x), cache, layer))
         x = x + block.drop_shortcut(block.ff(block.norm2(x)))
-    return model.out_head(model.final_norm(x))  # (B, t, V)
+    if last_only:  # the next token depends on the last position alone
+        x = x[:, -1:]  # (B, 1, C)
+    return model.out_head(model.final_norm(x))  # (B, t, V) or (B, 1, V)
 
 
 class CachedModel(nn.Module):
     """A model with a key-value cache, called like the model itself: given the whole (B, T)
-    sequence so far, it computes only the positions it has not seen and returns their logits
-    (B, t, V) in float32, so `generate_text_simple` and `generate` work unchanged (they read
-    the last position). An input that does not extend the cached tokens (a new prompt, a
+    sequence so far, it computes only the positions it has not seen and returns the float32
+    logits of the last of them, (B, 1, V), so `generate_text_simple` and `generate` work
+    unchanged (they read the last position); `all_logits=True` returns every new position's
+    logits, (B, t, V). An input that does not extend the cached tokens (a new prompt, a
     window cropped past the context) starts a fresh cache.
 
     What depends on the model is in two methods that a subclass fills in: `new_cache`
-    (how big a cache to start) and `step` (run the new tokens through the model with it).
+    (how big a cache to start) and `step` (run the new tokens through the model with it,
+    returning the logits of the last position only when told `last_only`).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, all_logits: bool = False):
         super().__init__()
         self.model = model
+        self.all_logits = all_logits
         self.cache: KVCache | None = None
         self.tokens: torch.Tensor | None = None  # (B, L): the IDs whose keys and values are cached
 
@@ -193,7 +204,7 @@ class CachedModel(nn.Module):
     def new_cache(self, idx: torch.Tensor) -> KVCache:
         raise NotImplementedError
 
-    def step(self, new_idx: torch.Tensor) -> torch.Tensor:
+    def step(self, new_idx: torch.Tensor, last_only: bool) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -203,7 +214,7 @@ class CachedModel(nn.Module):
         else:
             self.cache = self.new_cache(idx)
             new = idx
-        logits = self.step(new)  # (B, t, V)
+        logits = self.step(new, last_only=not self.all_logits)  # (B, 1, V) or (B, t, V)
         self.tokens = idx
         return logits.float()
 
@@ -214,8 +225,8 @@ class CachedGPT(CachedModel):
     def new_cache(self, idx: torch.Tensor) -> KVCache:
         return KVCache(self.model.cfg.n_layers, self.model.cfg.context_length)
 
-    def step(self, new_idx: torch.Tensor) -> torch.Tensor:
-        return forward_with_cache(self.model, new_idx, self.cache)
+    def step(self, new_idx: torch.Tensor, last_only: bool) -> torch.Tensor:
+        return forward_with_cache(self.model, new_idx, self.cache, last_only)
 
 
 def bf16_supported(device) -> bool:
@@ -351,6 +362,27 @@ def choose_precision(device, wanted: str = "auto", verbose: bool = False) -> Pre
     return choice
 
 
+@torch.no_grad()
+def fuse_qkv(model: nn.Module) -> nn.Module:
+    """Stack, in place, the query, key and value layers of every GPT attention layer of
+    `model` into one layer `W_qkv` of three times the outputs (plain nn.Linear layers only:
+    LoRA-wrapped ones stay as they are); returns the model."""
+    for att in model.modules():
+        parts = [getattr(att, name, None) for name in ("W_query", "W_key", "W_value")]
+        if not isinstance(att, MultiHeadAttention) or not all(type(p) is nn.Linear for p in parts):
+            continue
+        fused = nn.Linear(parts[0].in_features, 3 * att.d_out, bias=parts[0].bias is not None,
+                          device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))  # (3 x d_out, d_in)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        fused.requires_grad_(parts[0].weight.requires_grad).train(att.training)
+        del att.W_query, att.W_key, att.W_value
+        att.W_qkv = fused
+        att.__class__ = SDPAttention  # chapter 3's forward calls the three layers by name
+    return model
+
+
 class BF16Linear(nn.Linear):
     """nn.Linear with bfloat16 weights: takes any input, returns bfloat16. The packed copy
     is made once from the weight; for new weights, make a new bf16_inference_model."""
@@ -366,8 +398,9 @@ class BF16Linear(nn.Linear):
 
 @torch.no_grad()
 def bf16_inference_model(model: GPTModel) -> GPTModel:
-    """A copy of `model` for generation, its linear layers converted once to bfloat16 (and
-    packed where the CPU has native bfloat16); embeddings and LayerNorms stay float32."""
+    """A copy of `model` for generation, its query, key and value layers fused (`fuse_qkv`)
+    and its linear layers converted once to bfloat16 (and packed where the CPU has native
+    bfloat16); embeddings and LayerNorms stay float32."""
     device = next(model.parameters()).device
     native = bf16_supported(device)
     if not native:
@@ -375,6 +408,7 @@ def bf16_inference_model(model: GPTModel) -> GPTModel:
                       f"emulated there, usually slower than float32.", stacklevel=2)
     copied = copy.deepcopy(model).eval().requires_grad_(False)
     copied.__dict__.pop("forward", None)  # the class's own forward, not autocast_bf16's
+    fuse_qkv(copied)
     for module in copied.modules():
         if isinstance(module, nn.Linear):
             module.__class__ = BF16Linear  # same parameters, new forward (as set_impl does)
@@ -414,10 +448,12 @@ class Int8Linear(nn.Module):
 
 @torch.no_grad()
 def int8_inference_model(model: nn.Module) -> nn.Module:
-    """A copy of `model` (a GPTModel, or chapter 9's LlamaModel) for generation, every linear
-    layer replaced by an `Int8Linear`; embeddings and norms stay float32."""
+    """A copy of `model` (a GPTModel, or chapter 9's LlamaModel) for generation, its query,
+    key and value layers fused (`fuse_qkv`) and every linear layer replaced by an
+    `Int8Linear`; embeddings and norms stay float32."""
     copied = copy.deepcopy(model).eval().requires_grad_(False)
     copied.__dict__.pop("forward", None)  # the class's own forward, not autocast_bf16's
+    fuse_qkv(copied)  # before quantizing: each row keeps its own scale
     for parent in list(copied.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):

@@ -12,7 +12,7 @@ Shapes: B batch, T tokens, C embedding dim, H query heads, G key-value heads (gr
 D head dim, F feed-forward width, V vocabulary size.
 """
 
-__all__ = ["RopeScaling", "LlamaConfig", "LLAMA32_1B", "QWEN3_0_6B", "LLAMA_TINY", "QWEN3_TINY", "RMSNorm", "rope_frequencies", "rope_angles", "rope_tables", "apply_rope", "SwiGLUFeedForward", "GroupedQueryAttention", "kv_cache_bytes", "LlamaBlock", "LlamaModel", "CachedLlama", "config_from_hf", "load_hf_weights_into_llama", "CHAT_STOP_TOKENS", "format_chat", "HubTokenizer", "load_llama_checkpoint", "PRETRAINED_LLAMAS", "load_pretrained_llama"]
+__all__ = ["RopeScaling", "LlamaConfig", "LLAMA32_1B", "QWEN3_0_6B", "LLAMA_TINY", "QWEN3_TINY", "RMSNorm", "rope_frequencies", "rope_angles", "rope_tables", "apply_rope", "SwiGLUFeedForward", "SDPA_ENABLE_GQA", "GroupedQueryAttention", "kv_cache_bytes", "LlamaBlock", "LlamaModel", "CachedLlama", "config_from_hf", "load_hf_weights_into_llama", "CHAT_STOP_TOKENS", "format_chat", "HubTokenizer", "load_llama_checkpoint", "PRETRAINED_LLAMAS", "load_pretrained_llama"]
 
 
 import dataclasses
@@ -192,6 +192,19 @@ class SwiGLUFeedForward(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
 
 
+def _sdpa_takes_groups() -> bool:
+    """True if scaled_dot_product_attention accepts `enable_gqa` (PyTorch 2.5 and later)."""
+    queries, keys = torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 1, 4)  # 2 query heads, 1 group
+    try:
+        F.scaled_dot_product_attention(queries, keys, keys, enable_gqa=True)
+        return True
+    except TypeError:
+        return False
+
+
+SDPA_ENABLE_GQA = _sdpa_takes_groups()
+
+
 class GroupedQueryAttention(nn.Module):
     """Causal attention in which groups of query heads share a key-value head; RoPE on
     queries and keys, no biases, no dropout, and (Qwen3) an RMSNorm on each query and key
@@ -229,13 +242,17 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:  # the cache keeps G heads per layer: the memory GQA saves
             keys, values = cache.append(layer, keys, values)  # (B, G, start + T, D)
             start = keys.shape[2] - num_tokens  # positions cached before these
-        keys = keys.repeat_interleave(self.group_size, dim=1)  # (B, H, L, D): query head h
-        values = values.repeat_interleave(self.group_size, dim=1)  # reads group h // group_size
         mask = None  # one new token may see everything; else token i sees 0 .. start + i
         if num_tokens > 1:
             mask = torch.ones(num_tokens, start + num_tokens, dtype=torch.bool, device=x.device)
             mask = mask.tril(diagonal=start)
-        context_vec = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        if SDPA_ENABLE_GQA:  # query head h reads key-value head h // group_size, uncopied
+            context_vec = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                         enable_gqa=True)
+        else:  # older PyTorch: copy each key-value head for its group, (B, H, L, D)
+            keys = keys.repeat_interleave(self.group_size, dim=1)
+            values = values.repeat_interleave(self.group_size, dim=1)
+            context_vec = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, -1)  # (B, T, H * D)
         return self.out_proj(context_vec)  # (B, T, C)
 
@@ -267,7 +284,8 @@ class LlamaModel(nn.Module):
     """Llama 3 / Qwen3 decoder: token embedding, `n_layers` blocks, final RMSNorm, output head.
     Positions enter only through RoPE. Weights start as N(0, 0.02), as in the reference
     implementation. With a `KVCache`, `in_idx` holds the tokens that follow the cached ones,
-    and their keys and values are added to the cache."""
+    and their keys and values are added to the cache; `last_only` returns the logits of the
+    last position only, (B, 1, V), all that choosing the next token needs."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -285,7 +303,8 @@ class LlamaModel(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
         start = 0 if cache is None else cache.length
         if in_idx.dim() != 2 or in_idx.shape[1] == 0 or in_idx.dtype.is_floating_point:
             raise ValueError(f"in_idx must be a (batch, tokens) tensor of token IDs with at "
@@ -299,30 +318,32 @@ class LlamaModel(nn.Module):
         x = self.tok_emb(in_idx)  # (B, T, C)
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, cos, sin, cache, layer)
-        return self.out_head(self.final_norm(x))  # (B, T, V)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.out_head(self.final_norm(x))  # (B, T, V) or (B, 1, V)
 
 
 class CachedLlama(CachedModel):
     """A `LlamaModel` with a key-value cache, called like chapter 8's `CachedGPT` (both are
     `CachedModel`s): given the whole (B, T) sequence so far, it computes only the positions
-    it has not seen and returns their float32 logits, so `generate_text_simple` and
-    `generate` use it unchanged.
+    it has not seen and returns the float32 logits of the last one (every new position's
+    with `all_logits=True`), so `generate_text_simple` and `generate` use it unchanged.
 
     The cache holds G key-value heads per layer. It is allocated for `min_capacity` positions
     (or twice the prompt); when it is full, the next call starts a cache twice as long from
     the whole sequence (up to the context length), so long generations never run out.
     """
 
-    def __init__(self, model: LlamaModel, min_capacity: int = 1024):
-        super().__init__(model)
+    def __init__(self, model: LlamaModel, min_capacity: int = 1024, all_logits: bool = False):
+        super().__init__(model, all_logits)
         self.min_capacity = min_capacity
 
     def new_cache(self, idx: torch.Tensor) -> KVCache:
         cfg = self.model.cfg  # room to grow, within the context
         return KVCache(cfg.n_layers, min(cfg.context_length, max(2 * idx.shape[1], self.min_capacity)))
 
-    def step(self, new_idx: torch.Tensor) -> torch.Tensor:
-        return self.model(new_idx, cache=self.cache)  # (B, t, V)
+    def step(self, new_idx: torch.Tensor, last_only: bool) -> torch.Tensor:
+        return self.model(new_idx, cache=self.cache, last_only=last_only)
 
 
 def config_from_hf(hf: Mapping) -> LlamaConfig:

@@ -7,10 +7,10 @@
 
 Generating one token reads every weight of the model once, so its speed limit is the memory
 bandwidth divided by the bytes of weights read per token. The command measures that bandwidth
-(the best of several sums over a 1 GiB float32 tensor), then times greedy generation of
-`--new-tokens` tokens after a `--prompt`-token prompt, with the key-value cache, in paired
-rounds (every round runs every path once, in rotating order; the median and the range are
-printed), along these paths:
+(the fastest of several sums and matrix-vector products over 1 GiB of float32), then times
+greedy generation of `--new-tokens` tokens after a `--prompt`-token prompt, with the
+key-value cache, in paired rounds (every round runs every path once, in rotating order;
+the median and the range are printed), along these paths:
 
 - the course: float32; bfloat16 weights (`bf16_inference_model`); int8 weights, one scale per
   output row (`int8_inference_model`);
@@ -26,7 +26,8 @@ and `transformers` are checked to generate the same greedy tokens in float32.
 Quality, on a trained model: chapter 5's checkpoint (`checkpoints/05_...`, skipped if absent)
 in float32, bfloat16 and int8 weights: perplexity on the held-out 10% of *The Verdict* and the
 share of positions whose greedy next token equals float32's (teacher-forced). And where the
-time goes: one float32 and one int8 generation of the first model profiled by operator.
+time goes: 20 generation steps of each model on each of the course's paths, profiled by
+operator, split into the weight products (with the bandwidth they read at) and the rest.
 """
 
 from __future__ import annotations
@@ -60,14 +61,21 @@ THEIRS = {"hf_fp32": "transformers, float32", "hf_bf16": "transformers, bfloat16
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second that this machine reads: the best of `repeats` sums over `gib` GiB."""
-    data = torch.ones(int(gib * 2**30) // 4)
-    data.sum()  # pages touched once before timing
+    """Bytes per second that this machine reads: the fastest of `repeats` rounds of two reads
+    of `gib` GiB of float32, a sum and a matrix-vector product (the operation of generation;
+    on some machines a sum alone reads below what the memory delivers)."""
+    columns = 4096
+    data = torch.ones(max(1, int(gib * 2**30) // (4 * columns)) * columns)
+    matrix, vector = data.view(-1, columns), torch.ones(columns)
+    reads = (data.sum, lambda: matrix @ vector)
+    for read in reads:
+        read()  # pages touched once before timing
     best = math.inf
     for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
+        for read in reads:
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
     return data.numel() * 4 / best
 
 
@@ -242,24 +250,49 @@ def _quality(context: int = 256) -> dict | None:
     return result
 
 
-def _profile(name: str, prompt_len: int, new_tokens: int) -> dict:
-    """Where one float32 and one int8 generation of `name` spend their time, by operator."""
+# The operators that multiply by a weight matrix: PyTorch's float32 products, oneDNN's packed
+# bfloat16 one (utils/core/onednn.py) and the int8 kernel (utils/core/int8.py).
+PRODUCT_OPS = {"aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm"}
+
+
+@torch.no_grad()
+def _profile(name: str, prompt_len: int, new_tokens: int, bandwidth: float) -> dict:
+    """Where one generation step of `name` spends its time on each of the course's paths:
+    the prompt is run first, outside the profiler; then `new_tokens` greedy steps are profiled
+    by operator, split into the weight products (with the bandwidth they read at) and the rest."""
     from torch.profiler import ProfilerActivity, profile
 
     ours, _, cached = _models(name)
+    torch.manual_seed(0)
     prompt = torch.randint(0, ours.cfg.vocab_size, (1, prompt_len))
+    paths = {"fp32": ours, "bf16": _quietly(bf16_inference_model, ours),
+             "int8": int8_inference_model(ours)}
     result = {}
-    for key, model in (("fp32", ours), ("int8", int8_inference_model(ours))):
-        with torch.no_grad():
-            generate_text_simple(cached(model), prompt, 4, ours.cfg.context_length)  # warm
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                generate_text_simple(cached(model), prompt, new_tokens, ours.cfg.context_length)
-        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-        total = sum(e.self_cpu_time_total for e in events)
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
-        result[key] = {"ms_per_token": total / 1e3 / new_tokens,
-                       "top": [{"op": e.key, "share": e.self_cpu_time_total / total,
-                                "calls_per_token": e.count / new_tokens} for e in top]}
+    for key, model in paths.items():
+        def steps(runner, idx):  # one position per step, as generate_text_simple does
+            for _ in range(new_tokens):
+                idx = torch.cat([idx, runner(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+
+        runner = cached(model)
+        first = torch.cat([prompt, runner(prompt)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        start = time.perf_counter()
+        steps(runner, first)  # the wall time, unprofiled
+        wall_ms = (time.perf_counter() - start) * 1e3 / new_tokens
+        runner(prompt)  # the cache back to the prompt alone
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps(runner, first)
+        events = [e for e in prof.key_averages() if "::" in e.key]
+        per_token = {e.key: e.self_cpu_time_total / 1e3 / new_tokens for e in events}  # ms
+        products = sum(ms for op, ms in per_token.items() if op in PRODUCT_OPS)
+        others = sorted(((op, ms) for op, ms in per_token.items() if op not in PRODUCT_OPS),
+                        key=lambda item: item[1], reverse=True)
+        bytes_read = weight_bytes_per_token(model)
+        result[key] = {"steps": new_tokens, "wall_ms_per_token": wall_ms,
+                       "ms_per_token": sum(per_token.values()), "products_ms": products,
+                       "products_gb_per_s": bytes_read / (products / 1e3) / 1e9,
+                       "products_of_limit": bytes_read / (products / 1e3) / bandwidth,
+                       "other_ms": sum(ms for _, ms in others),
+                       "top_other": [{"op": op, "ms": ms} for op, ms in others[:4]]}
     return result
 
 
@@ -279,7 +312,8 @@ def run_decode_benchmark(models=None, prompt_len: int = 32, new_tokens: int = 10
             row["fraction_of_limit"] = row["gb_per_s"] / (bandwidth / 1e9)
         results["models"][name] = timed
     results["quality"] = _quality() if quality else None
-    results["profile"] = _profile(models[0], prompt_len, min(new_tokens, 20)) if profile else None
+    results["profile"] = ({name: _profile(name, prompt_len, min(new_tokens, 20), bandwidth)
+                           for name in models} if profile else None)
     return results
 
 
@@ -289,7 +323,7 @@ def format_decode(results: dict) -> str:
     lines = [f"greedy generation, {s['new_tokens']} new tokens after {s['prompt_tokens']}, KV "
              f"cache, {s['rounds']} paired rounds, on {m.get('cpu', '?')} ({m['cpu_threads']} "
              f"threads, torch {m['torch']}); memory read at "
-             f"{results['bandwidth_gb_per_s']:.1f} GB/s (sum over 1 GiB)"]
+             f"{results['bandwidth_gb_per_s']:.1f} GB/s (fastest read of 1 GiB)"]
     for name, timed in results["models"].items():
         lines.append("")
         lines.append(f"{name:<27} {'tokens/s (min-max)':>22} {'MB/token':>9} {'GB/s':>6} "
@@ -316,13 +350,22 @@ def format_decode(results: dict) -> str:
                          f"{100 * q[key]['greedy_agreement']:5.1f}%")
     p = results.get("profile")
     if p:
-        for key, prof in p.items():
-            lines.append("")
-            lines.append(f"profile, {key}, {next(iter(results['models']))}: "
-                         f"{prof['ms_per_token']:.1f} ms of operators per token")
-            for op in prof["top"]:
-                lines.append(f"  {op['op']:<36} {100 * op['share']:5.1f}%  "
-                             f"{op['calls_per_token']:6.1f} calls/token")
+        lines.append("")
+        steps = next(iter(next(iter(p.values())).values()))["steps"]
+        lines.append(f"profile of {steps} generation steps, ms per token: the wall time, the "
+                     "operators' own time, of which the weight products (and the bandwidth they "
+                     "read at) and the other operators")
+        lines.append(f"{'model, path':<21} {'wall':>6} {'ops':>6} {'products':>9} {'GB/s':>6} "
+                     f"{'of limit':>8} {'other':>7}  largest others")
+        for name, paths in p.items():
+            for key, prof in paths.items():
+                largest = ", ".join(f"{o['op'].split('::')[-1][:20]} {o['ms']:.2f}"
+                                    for o in prof["top_other"][:3])
+                lines.append(f"{name + ', ' + key:<21} {prof['wall_ms_per_token']:>6.1f} "
+                             f"{prof['ms_per_token']:>6.1f} "
+                             f"{prof['products_ms']:>9.1f} {prof['products_gb_per_s']:>6.1f} "
+                             f"{100 * prof['products_of_limit']:>7.0f}% {prof['other_ms']:>7.1f}"
+                             f"  {largest}")
     return "\n".join(lines)
 
 
@@ -342,10 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     new_tokens = args.new_tokens or (20 if args.quick else 100)
     models = args.models or (QUICK if args.quick else FULL)
+    if args.prompt < 1 or new_tokens < 1 or args.rounds < 1:
+        parser.error("--prompt, --new-tokens and --rounds must be at least 1")
     for name in models:
         length = MODELS[name][1].context_length
-        if args.prompt < 1 or new_tokens < 1 or args.rounds < 1:
-            parser.error("--prompt, --new-tokens and --rounds must be at least 1")
         if args.prompt + new_tokens > length:
             parser.error(f"{name} has context_length {length}: pass --prompt plus --new-tokens "
                          f"<= {length}")

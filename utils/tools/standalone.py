@@ -68,6 +68,10 @@ from utils.core.device import get_device
 
 device = get_device()'''
 _SOLUTIONS = re.compile(r"Worked solutions are in `solutions/([\w.]+)`")
+# A maintainer tool the text names as the source of a figure (`python -m utils.tools.NAME`):
+# a copy does not carry the tools (they import every chapter), so it says where the tool is.
+_TOOL = re.compile(r"`python -m utils\.tools\.(\w+)([^`]*)`")
+_TOOL_IN_A_COPY = r"`python -m utils.tools.\1\2` (a tool in the course's repository)"
 # The sentence before a notebook's export cell, which in a copy has nothing to export.
 _EXPORT = re.compile(r"The next cell writes the `#\| export` cells[^(]*\([^)]*\)\.")
 _EXPORT_IN_A_COPY = ("In a clone of the course, the next cell writes the `#| export` cells into "
@@ -162,6 +166,7 @@ def _as_in_a_copy(nb, index: int) -> None:
             cell.source = _SOLUTIONS.sub(r"Worked solutions are in the course's repository, in "
                                          r"`notebooks/solutions/\1`", cell.source)
             cell.source = _EXPORT.sub(_EXPORT_IN_A_COPY, cell.source)
+            cell.source = _TOOL.sub(_TOOL_IN_A_COPY, cell.source)
         kept.append(cell)
     nb.cells = kept
 
