@@ -246,13 +246,12 @@ class GroupedQueryAttention(nn.Module):
         if num_tokens > 1:
             mask = torch.ones(num_tokens, start + num_tokens, dtype=torch.bool, device=x.device)
             mask = mask.tril(diagonal=start)
-        if SDPA_ENABLE_GQA:  # query head h reads key-value head h // group_size, uncopied
-            context_vec = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
-                                                         enable_gqa=True)
-        else:  # older PyTorch: copy each key-value head for its group, (B, H, L, D)
-            keys = keys.repeat_interleave(self.group_size, dim=1)
+        groups = {"enable_gqa": True} if SDPA_ENABLE_GQA else {}  # query head h reads
+        if not SDPA_ENABLE_GQA:  # key-value head h // group_size; older PyTorch needs a copy
+            keys = keys.repeat_interleave(self.group_size, dim=1)  # (B, H, L, D)
             values = values.repeat_interleave(self.group_size, dim=1)
-            context_vec = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        context_vec = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                     **groups)
         context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, -1)  # (B, T, H * D)
         return self.out_proj(context_vec)  # (B, T, C)
 

@@ -158,10 +158,15 @@ def _quietly(convert, model):
         return convert(model)
 
 
+def _course_paths(ours) -> dict:
+    """The course's three generation paths of one float32 model, keyed as OURS."""
+    return {"fp32": ours, "bf16": _quietly(bf16_inference_model, ours),
+            "int8": int8_inference_model(ours)}
+
+
 def _time_model(name: str, prompt_len: int, new_tokens: int, rounds: int, progress: bool) -> dict:
     ours, hf, cached = _models(name)
-    ours_paths = {"fp32": ours, "bf16": _quietly(bf16_inference_model, ours),
-                  "int8": int8_inference_model(ours)}
+    ours_paths = _course_paths(ours)
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
     theirs = {"hf_fp32": hf, "hf_bf16": hf_bf16}
     torch.manual_seed(0)
@@ -265,8 +270,7 @@ def _profile(name: str, prompt_len: int, new_tokens: int, bandwidth: float) -> d
     ours, _, cached = _models(name)
     torch.manual_seed(0)
     prompt = torch.randint(0, ours.cfg.vocab_size, (1, prompt_len))
-    paths = {"fp32": ours, "bf16": _quietly(bf16_inference_model, ours),
-             "int8": int8_inference_model(ours)}
+    paths = _course_paths(ours)
     result = {}
     for key, model in paths.items():
         def steps(runner, idx):  # one position per step, as generate_text_simple does
