@@ -53,6 +53,19 @@ written from their notebook's `#| export` cells; hand-written ones say so:
   LlamaBlock, LlamaModel, CachedLlama, config_from_hf, load_hf_weights_into_llama,
   CHAT_STOP_TOKENS, format_chat, HubTokenizer, load_llama_checkpoint, PRETRAINED_LLAMAS,
   load_pretrained_llama
+- `utils.latent_attention` (notebooks/10_modern_architectures.ipynb): MLAConfig,
+  DEEPSEEK_V3, MLA_TINY, LatentKVCache, MultiHeadLatentAttention, AbsorbedLatentAttention,
+  set_absorbed, MLABlock, MLAModel, CachedMLA, mla_config_from_hf, load_hf_weights_into_mla,
+  mla_cache_bytes
+- `utils.moe` (notebooks/10_modern_architectures.ipynb): MoEConfig, QWEN3_MOE_TINY,
+  QWEN3_30B_A3B, MoEFeedForward, load_balancing_loss, MoEModel, parameter_counts,
+  flops_per_token, check_weight_shapes, checkpoint_shapes, load_hf_weights_into_moe,
+  moe_config_from_hf, open_checkpoint, load_moe_checkpoint
+- `utils.sliding_window` (notebooks/10_modern_architectures.ipynb): SLIDING_ATTENTION,
+  FULL_ATTENTION, gemma3_layer_types, Gemma3Config, GEMMA3_270M, GEMMA3_TINY, GemmaRMSNorm,
+  GeGLUFeedForward, sliding_window_mask, SlidingWindowAttention, RollingKVCache,
+  gemma3_kv_cache_bytes, Gemma3Block, gemma3_rope_tables, Gemma3Model, CachedGemma3,
+  gemma3_config_from_hf, load_hf_weights_into_gemma3, load_gemma3_checkpoint
 
 Infrastructure, below every chapter:
 
