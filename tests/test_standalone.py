@@ -18,11 +18,15 @@ from utils.tools.standalone import (BENCHMARK_FILES, CHAPTER_NOTEBOOKS, COPY_SET
                                     SETUP_CELL, STANDALONE_DIR, build_standalone,
                                     modules_needed, stale_copies)
 
-# Run top to bottom in every test run (under a minute together); the others only with
+# Run top to bottom in every test run (15 seconds together); the others only with
 # LLM_COURSE_STANDALONE_ALL=1 (they retrain models: 22 minutes on 2 CPU cores, 12 of them
 # chapter 5's full run, which chapters 6, 7 and E need for their offline fallback).
-ALWAYS_RUN = ["02_text_data.ipynb", "03_attention.ipynb", "04_gpt_model.ipynb",
-              "08_going_faster.ipynb"]
+ALWAYS_RUN = ["02_text_data.ipynb", "03_attention.ipynb", "04_gpt_model.ipynb"]
+# Run up to their setup cell in every test run, then made to import every module they use
+# and read every benchmark file they carry: the two chapters that use the most of the
+# package, whose computations nbval already runs in the repository (chapter 8's copy takes
+# 45 seconds top to bottom).
+SETUP_RUN = ["08_going_faster.ipynb", "10_modern_architectures.ipynb"]
 RUN_ALL = os.environ.get("LLM_COURSE_STANDALONE_ALL", "") == "1"
 
 # Hides this checkout from the kernel: drops the editable-install finder and the repository
@@ -107,11 +111,17 @@ def test_a_copy_says_only_what_is_true_where_it_runs():
                 rf"utils\.tools\.{tool}[^`]*` \(a tool in the course's repository\)", text), (name, tool)
 
 
-def _run_standalone(name: str, folder: Path) -> nbformat.NotebookNode:
+def _run_standalone(name: str, folder: Path, check_after_setup: str | None = None
+                    ) -> nbformat.NotebookNode:
+    """Execute a copy in `folder` with the repository hidden; with `check_after_setup`, only
+    its cells up to the setup cell, then that code."""
     site = folder.parent / "hide_repo"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(HIDE_REPO)
     nb = nbformat.read(STANDALONE_DIR / name, as_version=4)
+    if check_after_setup is not None:
+        setup = next(i for i, c in enumerate(nb.cells) if c.source.startswith(COPY_SETUP_CELL))
+        nb.cells = nb.cells[:setup + 1] + [nbformat.v4.new_code_cell(check_after_setup)]
     env = {**os.environ, "PYTHONPATH": str(site), "LLM_COURSE_OFFLINE": "1",
            "LLM_COURSE_DEVICE": "cpu", "LLM_COURSE_FALLBACK": "1"}
     env.pop("LLM_COURSE_DATA", None)
@@ -147,3 +157,22 @@ def test_standalone_notebook_runs_in_an_empty_folder(name, course_folder):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert errors == []
+
+
+@pytest.mark.skipif(not os.environ.get(ENV_MIRROR), reason="needs the offline data mirror")
+@pytest.mark.parametrize("name", [n for n in SETUP_RUN if not RUN_ALL])
+def test_standalone_copy_imports_what_it_uses_in_an_empty_folder(name, course_folder):
+    course_folder.mkdir(exist_ok=True)
+    modules = modules_needed(REPO_ROOT / "notebooks" / name)
+    check = (f"import importlib, json, pathlib\n"
+             f"for m in {modules!r}:\n"
+             f"    importlib.import_module('utils.' + m.replace('/', '.'))\n"
+             f"for b in {BENCHMARK_FILES.get(name, [])!r}:\n"
+             f"    json.loads(pathlib.Path('benchmarks', b).read_text())\n"
+             f"import utils\n"
+             f"print(pathlib.Path(utils.__file__).parent.parent == pathlib.Path.cwd())")
+    nb = _run_standalone(name, course_folder, check_after_setup=check)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert errors == []
+    assert nb.cells[-1].outputs[-1]["text"].strip() == "True"  # the copy's own utils

@@ -90,7 +90,7 @@ class MLAConfig(LlamaConfig):
 
 
 DEEPSEEK_V3 = MLAConfig()  # deepseek-ai/DeepSeek-V3's attention, for the cache-size table
-MLA_TINY = MLAConfig(  # for tests and quick experiments, with GPT-2's vocabulary
+MLA_TINY = MLAConfig(  # for quick experiments, with GPT-2's vocabulary
     vocab_size=50257, context_length=256, emb_dim=64, n_heads=4, n_layers=2, hidden_dim=192,
     kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 

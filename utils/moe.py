@@ -57,7 +57,7 @@ class MoEConfig(LlamaConfig):
                              f"{self.norm_topk_prob!r}")
 
 
-QWEN3_MOE_TINY = MoEConfig(  # for tests: QWEN3_TINY with 8 experts, 2 per token
+QWEN3_MOE_TINY = MoEConfig(  # for quick experiments: QWEN3_TINY with 8 experts, 2 per token
     **{f.name: getattr(QWEN3_TINY, f.name) for f in dataclasses.fields(QWEN3_TINY)},
     num_experts=8, num_experts_per_tok=2, moe_hidden_dim=96)  # 2 x 96: QWEN3_TINY's 192
 QWEN3_30B_A3B = MoEConfig(  # Qwen/Qwen3-30B-A3B (its config.json)

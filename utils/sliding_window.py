@@ -91,7 +91,7 @@ class Gemma3Config(LlamaConfig):
 
 
 GEMMA3_270M = Gemma3Config()  # google/gemma-3-270m (its config.json)
-GEMMA3_TINY = Gemma3Config(  # for tests: 6 layers so both kinds occur, a window of 8 tokens;
+GEMMA3_TINY = Gemma3Config(  # for quick experiments: 6 layers so both kinds occur, a window of 8 tokens;
     vocab_size=50257, context_length=256, emb_dim=64, n_heads=4, n_kv_groups=2, n_layers=6,
     hidden_dim=128, head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
     rope_global_scale=8.0)  # 24 != head_dim and a stretched global RoPE, so that a mix-up
