@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.moe import (QWEN3_30B_A3B, QWEN3_MOE_TINY, MoEConfig, MoEFeedForward, MoEModel,
-                 flops_per_token, load_balancing_loss, load_hf_weights_into_moe,
-                 parameter_counts)
+                       flops_per_token, load_balancing_loss, load_hf_weights_into_moe,
+                       load_moe_checkpoint, moe_config_from_hf, parameter_counts)
 from utils.fast import KVCache
 from utils.generation import generate
 from utils.llama import QWEN3_TINY, CachedLlama, LlamaModel
@@ -212,3 +212,27 @@ def test_tiny_moe_has_the_active_parameters_of_the_dense_tiny_model():
     assert moe_total == sum(p.numel() for p in MoEModel(QWEN3_MOE_TINY).parameters())
     untied = dataclasses.replace(QWEN3_MOE_TINY, tie_embeddings=False)  # one table more
     assert parameter_counts(untied)[0] == moe_total + QWEN3_MOE_TINY.vocab_size * 64
+
+
+def test_moe_config_reads_the_published_and_the_transformers_5_names(pair):
+    cfg, theirs, _ = pair
+    written = theirs.config.to_dict()  # transformers 5: num_local_experts
+    assert "num_local_experts" in written and moe_config_from_hf(written) == cfg
+    published = {k: v for k, v in written.items() if k != "num_local_experts"}
+    assert moe_config_from_hf({**published, "num_experts": cfg.num_experts}) == cfg
+    with pytest.raises(ValueError, match="decoder_sparse_step=2"):
+        moe_config_from_hf({**written, "decoder_sparse_step": 2})
+
+
+def test_a_sharded_checkpoint_folder_loads_lazily_and_exactly(pair, tmp_path):
+    cfg, theirs, _ = pair
+    theirs.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards and an index
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model = load_moe_checkpoint(tmp_path, dtype=torch.float32)
+    assert model.cfg == cfg and not model.training
+    assert_same_logits(theirs, model, VOCAB, shape=(2, 20))
+    next(tmp_path.glob("model-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="lacks 1 of the"):
+        load_moe_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_moe_checkpoint(tmp_path / "nowhere")

@@ -9,10 +9,11 @@ import dataclasses
 import pytest
 import torch
 
-from utils.sliding_window import (FULL_ATTENTION, GEMMA3_270M, GEMMA3_TINY, SLIDING_ATTENTION, CachedGemma3,
-                    Gemma3Config, Gemma3Model, RollingKVCache, gemma3_config_from_hf,
-                    gemma3_kv_cache_bytes, gemma3_layer_types, load_hf_weights_into_gemma3,
-                    sliding_window_mask)
+from utils.sliding_window import (FULL_ATTENTION, GEMMA3_270M, GEMMA3_TINY, SLIDING_ATTENTION,
+                                  CachedGemma3, Gemma3Config, Gemma3Model, RollingKVCache,
+                                  gemma3_config_from_hf, gemma3_kv_cache_bytes,
+                                  gemma3_layer_types, load_gemma3_checkpoint,
+                                  load_hf_weights_into_gemma3, sliding_window_mask)
 from utils.fast import CachedModel, KVCache
 from utils.generation import generate
 from hf_parity import assert_cache_matches_full_pass, assert_same_logits, perturbed
@@ -238,3 +239,19 @@ def test_the_published_270m_config_gives_our_preset():
     with torch.device("meta"):
         count = sum(p.numel() for p in Gemma3Model(GEMMA3_270M).parameters())
     assert count == 268_098_176  # "270M": 167.8M of it the (tied) embedding matrix
+
+
+def test_a_checkpoint_folder_loads_in_bfloat16_and_in_float32(pair, tmp_path):
+    theirs, ours = pair
+    theirs.save_pretrained(tmp_path)  # config.json and one model.safetensors
+    model = load_gemma3_checkpoint(tmp_path, dtype=torch.float32)
+    assert model.cfg == CFG and model.out_head.weight is model.tok_emb.weight  # tied again
+    assert_same_logits(theirs, model, VOCAB, shape=(2, 40))  # its RoPE tables rebuilt
+    half = load_gemma3_checkpoint(tmp_path)  # bfloat16, the default
+    assert half.tok_emb.weight.dtype == torch.bfloat16
+    idx = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():  # bfloat16 rounding only: the same model
+        assert (half(idx).float() - ours(idx)).abs().max() < 0.5
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds neither model.safetensors"):
+        load_gemma3_checkpoint(tmp_path)

@@ -220,24 +220,35 @@ def _hf_whole_names(cfg: MoEConfig) -> dict[str, str]:
     return names
 
 
+def _hf_expert_names(cfg: MoEConfig) -> dict[str, str]:
+    """Hugging Face name -> our name for every expert's matrices, as checkpoint files store them."""
+    names = {}
+    for i in range(cfg.n_layers):
+        for e in range(cfg.num_experts):
+            hf, ours = f"model.layers.{i}.mlp.experts.{e}.", f"trf_blocks.{i}.ff.experts.{e}."
+            names.update({f"{hf}{a}_proj.weight": f"{ours}{a}.weight" for a in ("gate", "up", "down")})
+    return names
+
+
 def load_hf_weights_into_moe(model: MoEModel, params: Mapping) -> MoEModel:
     """Copy the tensors of a Hugging Face Qwen3-MoE checkpoint (a state dict, any dtype) into
-    `model`, splitting each layer's stacked experts into our per-expert layers, after checking
-    every name and shape; the model is untouched on a mismatch."""
-    cfg, targets = model.cfg, dict(model.named_parameters())
-    names = _hf_whole_names(cfg)
+    `model` after checking every name and shape; the model is untouched on a mismatch. The
+    experts may come one by one, as the published files store them, or stacked per layer, as
+    `transformers` 5 holds them in memory."""
+    cfg, targets, shapes = model.cfg, dict(model.named_parameters()), checkpoint_shapes(params)
+    stacked = "model.layers.0.mlp.experts.gate_up_proj" in shapes
+    names = _hf_whole_names(cfg) | ({} if stacked else _hf_expert_names(cfg))
     expected = {k: tuple(targets[v].shape) for k, v in names.items()}
     e, f, c = cfg.num_experts, cfg.moe_hidden_dim, cfg.emb_dim
-    for i in range(cfg.n_layers):  # each layer's experts, stacked
+    for i in range(cfg.n_layers if stacked else 0):  # each layer's experts in two tensors
         expected[f"model.layers.{i}.mlp.experts.gate_up_proj"] = (e, 2 * f, c)  # gate, then up
         expected[f"model.layers.{i}.mlp.experts.down_proj"] = (e, c, f)
-    check_weight_shapes(expected, checkpoint_shapes(params),
-                        "Build the model from the checkpoint's own config.json: "
-                        "MoEModel(moe_config_from_hf(config)).")
+    check_weight_shapes(expected, shapes, "Build the model from the checkpoint's own "
+                        "config.json: MoEModel(moe_config_from_hf(config)).")
     with torch.no_grad():
         for hf_name, ours in names.items():
             targets[ours].copy_(params[hf_name])  # converts dtype and device
-        for i, block in enumerate(model.trf_blocks):
+        for i, block in enumerate(model.trf_blocks if stacked else []):
             gate_up = params[f"model.layers.{i}.mlp.experts.gate_up_proj"]  # (E, 2F, C)
             down = params[f"model.layers.{i}.mlp.experts.down_proj"]  # (E, C, F)
             for expert, expert_gate_up, expert_down in zip(block.ff.experts, gate_up, down):
