@@ -515,4 +515,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without Python's teardown: after a distributed run, PyTorch's Gloo backend can
+    # abort (SIGABRT) there at random, failing a run that has finished and saved.
+    os._exit(code)
