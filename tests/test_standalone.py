@@ -24,9 +24,9 @@ from utils.tools.standalone import (BENCHMARK_FILES, CHAPTER_NOTEBOOKS, COPY_SET
 ALWAYS_RUN = ["02_text_data.ipynb", "03_attention.ipynb", "04_gpt_model.ipynb"]
 # Run up to their setup cell in every test run, then made to import every module they use
 # and read every benchmark file they carry: the two chapters that use the most of the
-# package, whose computations nbval already runs in the repository (chapter 8's copy takes
-# 45 seconds top to bottom).
-SETUP_RUN = ["08_going_faster.ipynb", "10_modern_architectures.ipynb"]
+# package, and chapter 11, which carries a saved run; nbval already runs their computations
+# in the repository (chapter 8's copy takes 45 seconds top to bottom).
+SETUP_RUN = ["08_going_faster.ipynb", "10_modern_architectures.ipynb", "11_reasoning_rl.ipynb"]
 RUN_ALL = os.environ.get("LLM_COURSE_STANDALONE_ALL", "") == "1"
 
 # Hides this checkout from the kernel: drops the editable-install finder and the repository

@@ -66,6 +66,12 @@ written from their notebook's `#| export` cells; hand-written ones say so:
   GeGLUFeedForward, sliding_window_mask, SlidingWindowAttention, RollingKVCache,
   gemma3_kv_cache_bytes, Gemma3Block, gemma3_rope_tables, Gemma3Model, CachedGemma3,
   gemma3_config_from_hf, load_hf_weights_into_gemma3, load_gemma3_checkpoint
+- `utils.reasoning` (notebooks/11_reasoning_rl.ipynb): CharTokenizer, ARITHMETIC_TOKENIZER,
+  Problem, make_problems, chapter_problems, SFT_STEPS, extract_answer, reward,
+  REASONING_TINY, MAX_RESPONSE, sft_batch, train_sft, sample_ids, sample_responses,
+  accuracy, majority_vote, self_consistency, group_advantages, response_mask,
+  token_logprobs, grpo_loss, RLConfig, policy_update, rollouts, grpo_step, rft_step,
+  METHODS, train_rl, rl_log_line, compare_methods, grpo_round
 
 Infrastructure, below every chapter:
 
@@ -94,6 +100,9 @@ Commands (`python -m utils.cli.NAME`), built on every chapter:
 - `utils.cli.pretrain`: Pretraining from the command line, on one process or many
 - `utils.cli.profile_step`: Where one training step spends its time, by group of PyTorch
   operators
+- `utils.cli.reasoning_run`: Chapter 11's full run: the starting model, then
+  rejection-sampling finetuning, GRPO with KL and GRPO without KL from it, side by side,
+  with the chapter's settings
 - `utils.cli.retrain_chapter5`: Chapter 5's training run retrained with chapter 8's
   speed-ups, next to the run as chapter 5 does it
 - `utils.cli.speed_paths`: The training steps and generations that the measuring commands

@@ -38,7 +38,7 @@ COURSE_ORDER = ["01_understanding_llms", "02_text_data", "02b_bpe_from_scratch",
                 "04_gpt_model", "05_pretraining", "appendix_D_training_extras",
                 "06_classification", "appendix_E_lora", "07_instruction_finetuning",
                 "07b_preference_tuning_dpo", "08_going_faster", "09_gpt_to_llama",
-                "10_modern_architectures",
+                "10_modern_architectures", "11_reasoning_rl",
                 "appendix_A_pytorch"]
 _EXPORT = "#| export"
 

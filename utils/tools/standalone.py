@@ -42,6 +42,7 @@ BENCHMARK_FILES = {
     "02b_bpe_from_scratch.ipynb": ["bpe/cpu-2core.json"],
     "08_going_faster.ipynb": sorted(p.name for p in (REPO_ROOT / "benchmarks").glob("*.json")),
     "09_gpt_to_llama.ipynb": ["09_gpt_to_llama/gpt2-vs-llama-the-verdict.json"],
+    "11_reasoning_rl.ipynb": ["11_reasoning/full_run.json"],
 }
 PACKAGES = ["torch", "tiktoken", "safetensors", "tqdm", "numpy", "pandas", "matplotlib"]
 _IMPORT = re.compile(r"^\s*(?:from\s+utils\.([\w.]+)\s+import|import\s+utils\.([\w.]+))", re.M)
