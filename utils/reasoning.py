@@ -18,6 +18,7 @@ __all__ = ["CharTokenizer", "ARITHMETIC_TOKENIZER", "Problem", "make_problems", 
 
 import copy
 import dataclasses
+import math
 import random
 import re
 import time
@@ -354,7 +355,8 @@ def grpo_step(policy, reference, optimizer, problems: list[Problem], tokenizer: 
 def rft_step(policy, reference, optimizer, problems: list[Problem], tokenizer: CharTokenizer,
              cfg: RLConfig, reward_fn=reward) -> dict:
     """One round of rejection-sampling finetuning: sample groups as GRPO does, keep the
-    responses the verifier accepts, and take `cfg.updates` supervised steps on them."""
+    responses the verifier accepts, and take `cfg.updates` supervised steps on them.
+    `reference` is not used: the signature is `grpo_step`'s, so `train_rl` runs either."""
     sequences, mask, rewards = rollouts(policy, problems, tokenizer, cfg, reward_fn)
     prompt_len = len(problems[0].prompt)
     stats = {"reward": rewards.mean().item(), "length": mask.sum(dim=1).mean().item(),
@@ -414,7 +416,7 @@ def rl_log_line(method: str, record: dict) -> str:
              f"{record['accuracy']:.3f}"]
     if "reward" in record:
         parts.append(f"mean reward {record['reward']:.2f}")
-    if "kl" in record and record["kl"] == record["kl"]:  # NaN for RFT
+    if "kl" in record and not math.isnan(record["kl"]):  # RFT has no KL (NaN)
         parts.append(f"KL {record['kl']:.4f}")
     return ", ".join(parts)
 
